@@ -1,0 +1,56 @@
+"""The command line: one-line errors naming the file, exit status 2, no partial output."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from deepdem.cli import main
+from deepdem.models import save_checkpoint
+from deepdem.scene import Grid, write_scene
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_missing_input_file(capsys, synth_dir, tmp_path):
+    code, _, err = run(capsys, "prepare", "--dsm", str(tmp_path / "missing.tif"),
+                       "--ortho-left", str(synth_dir / "left_ortho.tif"), "--ortho-right", str(synth_dir / "right_ortho.tif"),
+                       "--triangulation-error", str(synth_dir / "run-IntersectionErr.tif"), "--out", str(tmp_path / "s"))
+    assert code == 2
+    assert err.strip().count("\n") == 0
+    assert "missing.tif" in err and "not found" in err
+    assert not (tmp_path / "s").exists()
+
+
+def test_checkpoint_bands_missing_from_scene(capsys, tmp_path):
+    from rasterio.crs import CRS
+    from rasterio.transform import from_origin
+
+    from deepdem.models import DeepDEMRegressionTask
+
+    grid = Grid(CRS.from_epsg(32610), from_origin(0, 100, 1, 1), 64, 64)
+    write_scene(tmp_path / "scene", grid, {"dsm": np.full(grid.shape, 1.0, np.float32)})
+    task = DeepDEMRegressionTask({"bands": ["dsm", "ndvi"], "chip_size": 64})
+    save_checkpoint(task, tmp_path / "m.ckpt")
+    code, _, err = run(capsys, "refine", "--checkpoint", str(tmp_path / "m.ckpt"), "--scene", str(tmp_path / "scene"),
+                       "--out", str(tmp_path / "out.tif"), "--quiet")
+    assert code == 2 and err.count("\n") == 1
+    assert "scene lacks band(s) ndvi" in err
+    assert not (tmp_path / "out.tif").exists()
+
+
+def test_synth_writes_a_scene(capsys, tmp_path):
+    code, out, _ = run(capsys, "synth", "--out", str(tmp_path / "raw"), "--seed", "4", "--size", "64")
+    assert code == 0 and (tmp_path / "raw" / "run-DEM.tif").exists()
+
+
+def test_console_entry_point_exits_2_on_bad_input(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "deepdem", "evaluate", "--dem", str(tmp_path / "x.tif"),
+                           "--truth", str(tmp_path / "y.tif")], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"deepdem: error: {tmp_path / 'x.tif'}: file not found"
