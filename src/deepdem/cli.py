@@ -79,7 +79,11 @@ def _demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="deepdem", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="deepdem",
+        description="Refine a satellite-stereo DSM into an accurate DSM or DTM with deep learning.",
+        epilog="Run 'deepdem COMMAND --help' for the flags of a command.",
+    )
     parser.add_argument("--version", action="version", version=f"deepdem {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log each step")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -145,6 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--chip-size", type=int, default=128)
     p.set_defaults(func=_demo)
+
+    from .lidar.cli import add_lidar_parser
+
+    add_lidar_parser(sub)
     return parser
 
 

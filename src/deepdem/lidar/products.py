@@ -1,0 +1,314 @@
+"""From point clouds to truth rasters: DSM, DTM, density (and CHM), written atomically.
+
+The points are streamed (see :mod:`.read`); each pass keeps only per-cell accumulators, so a
+survey of any size fits in memory as long as its output grid does.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pyproj
+
+from ..errors import InputError
+from ..io import atomic_directory, write_raster
+from .crs import horizontal_part, output_units, parse_user_crs
+from .grid import CellStats, GridSpec, GroundCells, fill_small_gaps, tin_interpolate
+from .ground import GroundClassifier, OutlierFilter, OutlierParams, SMRFParams, smrf_surface
+from .read import DEFAULT_CHUNK, PointFilter, PointSource, open_sources, stream_points
+
+NODATA = -9999.0
+GROUND_MODES = ("auto", "class", "filter")
+
+
+@dataclass
+class LidarProducts:
+    """Rasters made from the points (float arrays, NaN = no data) and how they were made."""
+
+    grid: GridSpec
+    dsm: np.ndarray
+    dtm: np.ndarray
+    density: np.ndarray
+    chm: np.ndarray | None
+    ground_source: str
+    points_read: int
+    points_gridded: int
+    ground_points: int
+    outliers_removed: int
+    files: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def transform(self):
+        return self.grid.transform
+
+
+class _Progress:
+    """A tqdm bar over points read, shown only on a terminal (or when forced)."""
+
+    def __init__(self, total: int, enabled: bool | None, desc: str):
+        self.bar = None
+        if enabled or (enabled is None and sys.stderr.isatty()):
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="pt", unit_scale=True, desc=desc, leave=False)
+
+    def __call__(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _resolve_crs(sources: Sequence[PointSource], crs, like_grid: GridSpec | None) -> pyproj.CRS:
+    if like_grid is not None:
+        out = like_grid.crs
+        if crs is not None and not horizontal_part(crs).equals(horizontal_part(out),
+                                                                 ignore_axis_order=True):
+            raise InputError("--crs differs from the CRS of the --like raster; give one of them")
+    elif crs is not None:
+        out = crs
+    else:
+        out = sources[0].crs.crs
+    if horizontal_part(out).is_geographic:
+        raise InputError(f"output CRS {out.name!r} is geographic; give a projected --crs "
+                         "(resolution and gap lengths are distances)")
+    return out
+
+
+def grid_lidar(
+    inputs: Sequence[str | Path | PointSource],
+    resolution: float | None = None,
+    out_dir: str | Path | None = None,
+    crs=None,
+    bounds: Sequence[float] | None = None,
+    like: str | Path | None = None,
+    max_gap: float = 20.0,
+    dsm_fill_gap: float = 1.0,
+    chm: bool = False,
+    ground: str = "auto",
+    ground_classes: Sequence[int] = (2,),
+    smrf: SMRFParams | None = None,
+    outliers: OutlierParams | None = None,
+    point_filter: PointFilter | None = None,
+    chunk_size: int = DEFAULT_CHUNK,
+    progress: bool | None = None,
+) -> LidarProducts:
+    """Grid LIDAR points into a DSM, a DTM and a point density (and optionally a CHM).
+
+    Parameters
+    ----------
+    inputs
+        LAS/LAZ/COPC files, folders, http(s) URLs (COPC files or EPT ``ept.json``), or
+        :class:`PointSource` objects (e.g. from :func:`deepdem.lidar.remote.find_3dep`).
+    resolution
+        Cell size in output-CRS units (taken from ``like`` when given).
+    crs
+        Output CRS; points are reprojected and their heights converted to its units.
+        Files without a CRS are assumed to be in it. Default: the first file's CRS.
+    bounds
+        (xmin, ymin, xmax, ymax) in the output CRS. Default: the union of the inputs.
+    like
+        A raster whose grid (origin, resolution, size, CRS) the outputs copy.
+    max_gap
+        Longest triangle edge (metres) the DTM interpolation may bridge; wider gaps stay
+        nodata. Points this far around the grid are read too, so edges interpolate across
+        tile borders.
+    dsm_fill_gap
+        DSM cells without a first return are filled by TIN only within this distance (m).
+    ground
+        ``"class"``: ground is ``ground_classes``; ``"filter"``: SMRF ground filter, classes
+        ignored; ``"auto"``: classes, or the filter when no point is classified ground.
+    outliers
+        Enables the relief-aware outlier filter (an extra pass over the points).
+    """
+    if ground not in GROUND_MODES:
+        raise InputError(f"ground must be one of {GROUND_MODES}, got {ground!r}")
+    smrf = smrf or SMRFParams()
+    point_filter = point_filter or PointFilter()
+    if isinstance(crs, str):
+        crs = parse_user_crs(crs)
+    like_grid = GridSpec.like(like) if like is not None else None
+
+    strings = [str(i) for i in inputs if not isinstance(i, PointSource)]
+    sources = [i for i in inputs if isinstance(i, PointSource)]
+    if strings:
+        sources = open_sources(strings, assign_crs=crs) + sources
+    if not sources:
+        raise InputError("no LIDAR input given")
+    for src in sources:
+        if src.crs is None:
+            if crs is None:
+                raise InputError("no usable CRS; give --crs to assign one", src.location)
+            from .crs import assumed_crs
+
+            src.crs = assumed_crs(crs)
+    out_crs = _resolve_crs(sources, crs, like_grid)
+    xy_m, z_m = output_units(out_crs)
+
+    if like_grid is not None:
+        grid = like_grid
+        if resolution is not None and not math.isclose(resolution, grid.res, rel_tol=1e-9):
+            raise InputError(f"--resolution {resolution} differs from the --like raster's "
+                             f"{grid.res}; give one of them")
+    else:
+        if resolution is None:
+            raise InputError("--resolution is required unless --like is given")
+        if bounds is None:
+            if any(s.kind != "las" for s in sources):
+                raise InputError("remote inputs need --bounds or --like (their extent is a "
+                                 "whole survey)")
+            from .crs import PointMapper
+
+            boxes = [PointMapper(s.crs, out_crs).bounds(*s.bounds) for s in sources]
+            bounds = (min(b[0] for b in boxes), min(b[1] for b in boxes),
+                      max(b[2] for b in boxes), max(b[3] for b in boxes))
+        if len(bounds) != 4 or not (bounds[0] < bounds[2] and bounds[1] < bounds[3]):
+            raise InputError(f"--bounds must be xmin ymin xmax ymax, got {list(bounds)}")
+        grid = GridSpec.from_bounds(bounds, float(resolution), out_crs)
+
+    gap = max_gap / xy_m
+    halo = int(min(math.ceil(gap / grid.res), 256))
+    work = grid.padded(halo)
+    total = sum(s.count for s in sources)
+
+    def passes(label: str):
+        bar = _Progress(total, progress, label)
+        try:
+            for pts in stream_points(sources, out_crs, point_filter, work.bounds, chunk_size,
+                                     bar):
+                idx, inside = work.cell_index(pts.x, pts.y)
+                if not inside.all():
+                    pts, idx = pts.subset(inside), idx[inside]
+                if len(pts):
+                    yield pts, idx
+        finally:
+            bar.close()
+
+    # Pass 1 (optional): per-cell extremes for the outlier filter.
+    outlier_filter = None
+    if outliers is not None:
+        stats = CellStats(work)
+        for pts, idx in passes("outlier stats"):
+            stats.add(idx, pts.z)
+        outlier_filter = OutlierFilter(stats.max_grid(), stats.min_grid(), work, outliers, z_m)
+        del stats
+
+    def run_main(classifier: GroundClassifier | None):
+        dsm = np.full(work.size, -np.inf)
+        count = np.zeros(work.size, dtype=np.int64)
+        cells = GroundCells(work)
+        n_read = n_out = 0
+        lut = np.zeros(256, dtype=bool)
+        lut[list(ground_classes)] = True
+        for pts, idx in passes("gridding"):
+            n_read += len(pts)
+            if outlier_filter is not None:
+                keep = outlier_filter.keep(idx, pts.z)
+                n_out += int((~keep).sum())
+                pts, idx = pts.subset(keep), idx[keep]
+            count += np.bincount(idx, minlength=work.size)
+            f = pts.first
+            np.maximum.at(dsm, idx[f], pts.z[f])
+            g = classifier(pts.x, pts.y, pts.z) if classifier is not None else lut[pts.classification]
+            cells.add(idx[g], pts.x[g], pts.y[g], pts.z[g])
+        return dsm, count, cells, n_read, n_out
+
+    def build_classifier() -> GroundClassifier:
+        # SMRF on its own (coarser) grid, from the per-cell minimum of the kept points.
+        p = SMRFParams(cell=smrf.cell / xy_m, slope=smrf.slope * xy_m / z_m,
+                       window=smrf.window / xy_m, threshold=smrf.threshold / z_m,
+                       scalar=smrf.scalar * xy_m / z_m)
+        sgrid = GridSpec.from_bounds(work.bounds, p.cell, out_crs)
+        zmin = np.full(sgrid.size, np.inf)
+        for pts, idx in passes("ground filter"):
+            if outlier_filter is not None:
+                keep = outlier_filter.keep(idx, pts.z)
+                pts = pts.subset(keep)
+            sidx, inside = sgrid.cell_index(pts.x, pts.y)
+            np.minimum.at(zmin, sidx[inside], pts.z[inside])
+        zmin = zmin.reshape(sgrid.shape)
+        zmin[~np.isfinite(zmin)] = np.nan
+        if np.isfinite(zmin).sum() < 3:
+            raise InputError("too few points for the ground filter",
+                             sources[0].location if len(sources) == 1 else None)
+        return GroundClassifier(smrf_surface(zmin, sgrid, p), sgrid, p)
+
+    classifier = build_classifier() if ground == "filter" else None
+    dsm, count, cells, n_read, n_out = run_main(classifier)
+    ground_source = "SMRF ground filter" if classifier is not None else \
+        f"classes {list(ground_classes)}"
+    if n_read == 0:
+        raise InputError("no points fall inside the output grid",
+                         sources[0].location if len(sources) == 1 else None)
+    if cells.total == 0 and ground == "auto":
+        classifier = build_classifier()
+        dsm, count, cells, n_read, n_out = run_main(classifier)
+        ground_source = f"SMRF ground filter (no point of classes {list(ground_classes)})"
+    if cells.total == 0:
+        raise InputError(f"no ground points ({ground_source}); try --ground filter",
+                         sources[0].location if len(sources) == 1 else None)
+
+    core = (slice(halo, halo + grid.height), slice(halo, halo + grid.width))
+    dsm_g = dsm.reshape(work.shape)
+    dsm_g = np.where(np.isfinite(dsm_g), dsm_g, np.nan)
+    if dsm_fill_gap > 0:
+        dsm_g = fill_small_gaps(dsm_g, work, dsm_fill_gap / xy_m)
+    dsm_core = dsm_g[core]
+    gx, gy, gz = cells.points()
+    dtm_core = tin_interpolate(gx, gy, gz, grid, gap)
+    cell_area_m2 = (grid.res * xy_m) ** 2
+    density = count.reshape(work.shape)[core] / cell_area_m2
+    chm_core = dsm_core - dtm_core if chm else None
+
+    products = LidarProducts(
+        grid=grid, dsm=dsm_core, dtm=dtm_core, density=density, chm=chm_core,
+        ground_source=ground_source, points_read=total, points_gridded=n_read - n_out,
+        ground_points=cells.total, outliers_removed=n_out,
+    )
+    if out_dir is not None:
+        write_products(products, out_dir, sources=sources, params=dict(
+            resolution=grid.res, max_gap_m=max_gap, dsm_fill_gap_m=dsm_fill_gap, ground=ground,
+            ground_classes=list(ground_classes), smrf=asdict(smrf),
+            outliers=asdict(outliers) if outliers else None,
+            point_filter=asdict(point_filter)))
+    return products
+
+
+def write_products(products: LidarProducts, out_dir: str | Path, sources=(), params=None) -> dict:
+    """Write dsm.tif, dtm.tif, density.tif (and chm.tif) plus lidar.json, all or nothing."""
+    out_dir = Path(out_dir)
+    g = products.grid
+    crs_wkt = g.crs.to_wkt()
+    layers = {"dsm": (products.dsm, "highest first-or-only return per cell"),
+              "dtm": (products.dtm, f"ground ({products.ground_source}), TIN-interpolated"),
+              "density": (products.density, "points per square metre (all kept returns)")}
+    if products.chm is not None:
+        layers["chm"] = (products.chm, "DSM - DTM")
+    files = {}
+    with atomic_directory(out_dir) as tmp:
+        for name, (arr, desc) in layers.items():
+            data = np.where(np.isfinite(arr), arr, NODATA).astype(np.float32)
+            write_raster(tmp / f"{name}.tif", data, g.transform, crs_wkt, nodata=NODATA,
+                         description=desc)
+            files[name] = out_dir / f"{name}.tif"
+        meta = dict(
+            crs=g.crs.name, resolution=g.res, bounds=list(g.bounds), width=g.width,
+            height=g.height, ground_source=products.ground_source,
+            points_read=products.points_read, points_gridded=products.points_gridded,
+            ground_points=products.ground_points, outliers_removed=products.outliers_removed,
+            inputs=[dict(location=s.location, crs=s.crs.name if s.crs else None,
+                         crs_from=s.crs.origin if s.crs else None, points=s.count)
+                    for s in sources],
+            params=params or {},
+        )
+        (tmp / "lidar.json").write_text(json.dumps(meta, indent=2, default=str))
+    products.files = files
+    return files
