@@ -63,3 +63,119 @@ def test_scene_smaller_than_the_chip_is_refused_naming_the_largest_that_fits(pre
     with pytest.raises(InputError, match="largest chip size that fits: 64"):
         train([prepared_scene], tmp_path / "run", chip_size=256)
     assert not (tmp_path / "run").exists()
+
+
+def test_chips_come_from_memory_maps_without_reopening_rasters(prepared_scene, monkeypatch):
+    import rasterio
+
+    bands = ["dsm", "ortho_left", "ortho_right", "nodata_mask"]
+    expected_dsm = prepared_scene.read("dsm")
+    arrays = SceneArrays(prepared_scene, bands, ["dsm", "dtm"], 64)
+    assert all(isinstance(a, np.memmap) for a in arrays.arrays.values())
+
+    def no_open(*args, **kwargs):
+        raise AssertionError("a raster was opened per chip")
+
+    monkeypatch.setattr(rasterio, "open", no_open)
+    tr, _ = spatial_split(prepared_scene.shape, 64)
+    dataset = ChipDataset([arrays], [tr], bands, 64, "train", samples=8)
+    item = dataset[3]
+    assert item["target"].shape == (2, 64, 64)  # DSM and DTM targets
+    np.testing.assert_array_equal(arrays.arrays["dsm"], expected_dsm)
+
+
+def test_training_swaps_the_two_images_sometimes(prepared_scene):
+    bands = ["dsm", "ortho_left", "ortho_right", "nodata_mask"]
+    arrays = SceneArrays(prepared_scene, bands, "dsm", 64)
+    tr, _ = spatial_split(prepared_scene.shape, 64)
+    plain = ChipDataset([arrays], [tr], bands, 64, "train", samples=16, seed=2, swap_images=False)
+    swapping = ChipDataset([arrays], [tr], bands, 64, "train", samples=16, seed=2)
+    swapped = 0
+    for i in range(16):
+        a, b = plain[i]["inputs"], swapping[i]["inputs"]
+        if torch.equal(a, b):
+            continue
+        assert torch.equal(a[1], b[2]) and torch.equal(a[2], b[1])
+        swapped += 1
+    assert 2 <= swapped <= 14
+
+
+def test_config_yaml_round_trip_and_unknown_keys(tmp_path):
+    from deepdem.train import TrainConfig
+
+    config = TrainConfig(scenes=["a", "b"], chip_size=128, bands=["dsm", "ndvi"], arch="ResDepth", max_minutes=2.5)
+    (tmp_path / "c.yaml").write_text(config.to_yaml())
+    assert TrainConfig.from_yaml(tmp_path / "c.yaml") == config
+    assert TrainConfig.from_yaml(tmp_path / "c.yaml", lr=0.01).lr == 0.01
+    (tmp_path / "bad.yaml").write_text("chip_sise: 64\n")
+    with pytest.raises(InputError, match="bad.yaml: unknown parameter\\(s\\) chip_sise"):
+        TrainConfig.from_yaml(tmp_path / "bad.yaml")
+
+
+def test_dsm_only_resdepth_and_two_heads_train(prepared_scene, tmp_path):
+    result = train([prepared_scene], tmp_path / "resdepth", arch="ResDepth", bands=["dsm"], chip_size=64,
+                   batch_size=4, max_epochs=1, samples_per_epoch=4, progress=False)
+    assert load_checkpoint(result.checkpoint).model_kwargs["bands"] == ["dsm"]
+    both = train([prepared_scene], tmp_path / "both", target="both", chip_size=64, batch_size=4,
+                 max_epochs=1, samples_per_epoch=4, progress=False)
+    task = load_checkpoint(both.checkpoint)
+    assert task.targets == ("dsm", "dtm")
+    with torch.no_grad():
+        assert task(torch.zeros(1, 6, 64, 64)).shape == (1, 2, 64, 64)
+    logged = (tmp_path / "both" / "logs" / "metrics.csv").read_text().splitlines()[0]
+    for column in ("val_mae", "val_rmse", "val_nmad", "val_bias", "lr"):
+        assert column in logged
+    assert list((tmp_path / "both" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def _cli(*args):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    return [sys.executable, "-m", "deepdem", "train", *args], env
+
+
+def test_resume_after_kill_9_ends_at_the_same_epoch_count(prepared_scene, tmp_path):
+    import signal
+    import subprocess
+    import time
+
+    run = tmp_path / "run"
+    args = ["--scene", str(prepared_scene.path), "--out", str(run), "--chip-size", "64", "--batch-size", "2",
+            "--samples-per-epoch", "2", "--max-epochs", "40", "--arch", "ResDepth", "--bands", "dsm", "--no-progress"]
+    command, env = _cli(*args)
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    last = run / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 240
+    while not last.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    assert proc.poll() is None, "the run ended before it could be killed: " + proc.stderr.read().decode()[-500:]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = torch.load(last, weights_only=True)["epoch"]
+    assert killed_at < 39 and not (run / "best.ckpt").exists()
+
+    done = subprocess.run(_cli(*args, "--resume")[0], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    import json
+
+    summary = json.loads((run / "train.json").read_text())
+    assert summary["resumed_after_epoch"] == killed_at  # continued, not restarted
+    assert summary["epochs"] == 40  # the same count as an unbroken run
+    assert load_checkpoint(run / "best.ckpt").model_kwargs["bands"] == ["dsm"]
+
+
+def test_two_process_ddp_on_cpu_completes(prepared_scene, tmp_path):
+    import subprocess
+
+    args = ["--scene", str(prepared_scene.path), "--out", str(tmp_path / "ddp"), "--chip-size", "64",
+            "--batch-size", "2", "--samples-per-epoch", "8", "--max-epochs", "2", "--arch", "ResDepth",
+            "--bands", "dsm", "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp", "--no-progress"]
+    command, env = _cli(*args)
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "world_size=2" in done.stderr or "distributed_backend=gloo" in done.stderr or (tmp_path / "ddp" / "best.ckpt").exists()
+    assert load_checkpoint(tmp_path / "ddp" / "best.ckpt").model_kwargs["chip_size"] == 64

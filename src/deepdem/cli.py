@@ -38,16 +38,26 @@ def _prepare(args) -> int:
 
 
 def _train(args) -> int:
-    from .train import train
+    from .train import config_from_args, train
 
-    result = train(
-        args.scene, args.out, bands=args.bands, target=args.target, chip_size=args.chip_size,
-        batch_size=args.batch_size, max_minutes=args.max_minutes, max_epochs=args.max_epochs,
-        samples_per_epoch=args.samples_per_epoch, lr=args.lr, arch=args.arch, encoder=args.encoder,
-        precision=args.precision, seed=args.seed, num_workers=args.num_workers,
-    )
-    print(f"best checkpoint {result.checkpoint}: validation MAE {result.best_val_mae:.3f} m "
-          f"(initial DSM {result.initial_val_mae:.3f} m) after {result.epochs} epochs, {result.seconds:.0f} s")
+    config = config_from_args(args)
+    if args.print_config:
+        print(config.to_yaml(), end="")
+        return 0
+    if not config.scenes:
+        raise DeepDEMError("no scene given: --scene DIR (or 'scenes:' in --config)")
+    result = train(config=config)
+    if result.checkpoint.exists():
+        print(f"best checkpoint {result.checkpoint}: validation MAE {result.best_val_mae:.3f} m "
+              f"(initial DSM {result.initial_val_mae:.3f} m) after {result.epochs} epochs, {result.seconds:.0f} s")
+    return 0
+
+
+def _export(args) -> int:
+    from .models import export_safetensors, load_checkpoint
+
+    weights, meta = export_safetensors(load_checkpoint(args.checkpoint), args.out)
+    print(f"wrote {weights} and {meta}")
     return 0
 
 
@@ -108,23 +118,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="scene directory to write")
     p.set_defaults(func=_prepare)
 
-    p = sub.add_parser("train", help="train a refinement model on one or more scenes")
-    p.add_argument("--scene", action="append", required=True, help="scene directory (repeat for several)")
-    p.add_argument("--out", required=True, help="run directory (checkpoint best.ckpt, logs)")
-    p.add_argument("--max-minutes", type=float, default=None, help="wall-clock budget")
-    p.add_argument("--max-epochs", type=int, default=300)
-    p.add_argument("--chip-size", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--samples-per-epoch", type=int, default=512)
-    p.add_argument("--bands", nargs="+", default=None, help="input bands (default: all six present)")
-    p.add_argument("--target", choices=("dsm", "dtm"), default="dsm")
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--arch", default="Unet", help="segmentation-models-pytorch architecture")
-    p.add_argument("--encoder", default="resnet18")
-    p.add_argument("--precision", default="auto", help="auto (bf16-mixed), 32-true, bf16-mixed, 16-mixed")
-    p.add_argument("--num-workers", type=int, default=0)
-    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("train", help="train a refinement model on one or more scenes",
+                       description="Train a refinement model. Every flag is also a key of the YAML --config.")
+    from .train import add_train_arguments
+
+    add_train_arguments(p)
     p.set_defaults(func=_train)
+
+    p = sub.add_parser("export", help="export a checkpoint as safetensors + JSON (no pickle)")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--out", required=True, help="output path without suffix: OUT.safetensors and OUT.json")
+    p.set_defaults(func=_export)
 
     p = sub.add_parser("refine", help="refine a scene's DSM with a trained checkpoint")
     p.add_argument("--checkpoint", required=True)

@@ -12,7 +12,10 @@ The normalisation lives in one function, :func:`normalise_chip`, used by trainin
 
 from __future__ import annotations
 
+import os
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -20,6 +23,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .errors import InputError
+from .io import atomic_path
 from .scene import BANDS, Scene
 
 TARGET_BANDS = {"dsm": "truth_dsm", "dtm": "truth_dtm"}
@@ -111,23 +115,65 @@ def grid_positions(length: int, chip_size: int, stride: int) -> list[int]:
 
 
 class SceneArrays:
-    """A scene's bands held in memory as float32 (NaN = no data), with its scale factor."""
+    """A scene's bands as memory-mapped float32 arrays (NaN = no data), with its scale factor.
 
-    def __init__(self, scene: Scene, bands: Sequence[str], target: str | None, chip_size: int, scale: float | None = None):
+    The GeoTIFFs are decoded once into ``.npy`` files (``<scene>/.cache/``, or a temporary
+    directory when the scene is read-only); chips are then slices of memory maps: no raster is
+    reopened or decompressed per chip (the seed opened 7 files per chip), and the page cache
+    is shared by data-loader workers.
+    """
+
+    def __init__(
+        self,
+        scene: Scene,
+        bands: Sequence[str],
+        target: str | Sequence[str] | None,
+        chip_size: int,
+        scale: float | None = None,
+        cache_dir: str | os.PathLike | None = None,
+    ):
         self.scene = scene
-        needed = list(dict.fromkeys([*bands, "dsm", "nodata_mask"]))
-        if target:
-            needed.append(TARGET_BANDS[target])
+        targets = [target] if isinstance(target, str) else list(target or [])
+        self.target_bands = [TARGET_BANDS[t] for t in targets]
+        needed = list(dict.fromkeys([*bands, "dsm", "nodata_mask", *self.target_bands]))
         missing = [b for b in needed if not scene.has(b)]
         if missing:
             raise InputError(f"scene lacks band(s) {', '.join(missing)} (it has: {', '.join(scene.bands)})", scene.path)
-        self.arrays = scene.read_stack(needed)
-        self.target_band = TARGET_BANDS[target] if target else None
+        self.arrays = {band: band_memmap(scene, band, cache_dir) for band in needed}
         self.scale = scale if scale is not None else scene.scale_factor(chip_size)
         self.fallback_mean = float(scene.statistics("dsm").get("median", 0.0))
 
     def chip(self, row: int, col: int, size: int) -> dict[str, np.ndarray]:
-        return {band: array[row : row + size, col : col + size] for band, array in self.arrays.items()}
+        return {band: np.asarray(array[row : row + size, col : col + size]) for band, array in self.arrays.items()}
+
+
+def band_memmap(scene: Scene, band: str, cache_dir: str | os.PathLike | None = None) -> np.ndarray:
+    """A read-only memory map of one band as float32 (NaN = no data), decoded once and cached.
+
+    The cache file is keyed by the band file's size and modification time, so a re-prepared
+    scene is never served stale arrays.
+    """
+    source = scene.band_path(band)
+    stat = source.stat()
+    key = f"{band}-{stat.st_size}-{int(stat.st_mtime_ns)}.npy"
+    directories = [Path(cache_dir)] if cache_dir else [scene.path / ".cache", Path(tempfile.gettempdir()) / "deepdem-cache" / scene.path.resolve().as_posix().strip("/").replace("/", "_")]
+    for directory in directories:
+        cached = directory / key
+        if cached.exists():
+            return np.load(cached, mmap_mode="r")
+    data = scene.read(band)
+    for directory in directories:
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            for stale in directory.glob(f"{band}-*.npy"):
+                stale.unlink(missing_ok=True)
+            with atomic_path(directory / key) as tmp:
+                with open(tmp, "wb") as handle:
+                    np.save(handle, data)
+            return np.load(directory / key, mmap_mode="r")
+        except OSError:
+            continue  # read-only scene directory: try the next place
+    return data
 
 
 def _augment(arrays: list[np.ndarray], rng: np.random.Generator) -> list[np.ndarray]:
@@ -147,8 +193,9 @@ class ChipDataset(Dataset):
     """Chips of one or more scenes for training (random, augmented) or validation (fixed grid).
 
     Each item is a dict of tensors: ``inputs`` (C, H, W), ``base`` (1, H, W) metres, ``scale``
-    (1, 1, 1), ``target`` (1, H, W) metres and ``valid`` (1, H, W) — pixels valid in the inputs
-    and in the truth, the only ones the loss sees.
+    (1, 1, 1), ``target`` (T, H, W) metres and ``valid`` (T, H, W) — pixels valid in the inputs
+    and in each truth, the only ones the loss sees. Training chips get a random flip, 90°
+    rotation and (``swap_images``) a swap of the two orthoimages.
     """
 
     def __init__(
@@ -160,12 +207,17 @@ class ChipDataset(Dataset):
         mode: str = "train",
         samples: int = 1024,
         seed: int = 0,
+        swap_images: bool = True,
     ):
         if mode not in ("train", "val"):
             raise ValueError(mode)
         self.scenes, self.regions, self.bands = list(scenes), list(regions), list(bands)
         self.chip_size, self.mode, self.seed = chip_size, mode, seed
         self.epoch = 0
+        self.swap_channels = (
+            (self.bands.index("ortho_left"), self.bands.index("ortho_right"))
+            if swap_images and {"ortho_left", "ortho_right"} <= set(self.bands) else None
+        )
         if mode == "val":
             stride = chip_size // 2
             self.positions = [
@@ -200,9 +252,16 @@ class ChipDataset(Dataset):
         data = self.scenes[scene_index]
         stack = data.chip(row, col, size)
         chip = normalise_chip(stack, self.bands, data.scale, data.fallback_mean)
-        target = stack[data.target_band]
-        valid = chip.valid & np.isfinite(target)
-        arrays = [chip.inputs, chip.base[None], np.nan_to_num(target, nan=0.0)[None], valid[None]]
+        target = np.stack([stack[band] for band in data.target_bands])
+        valid = chip.valid[None] & np.isfinite(target)
+        inputs = chip.inputs
+        swap = rng is not None and bool(rng.integers(2))  # drawn always: same chips with swapping off
+        if swap and self.swap_channels is not None:
+            # Left and right play the same role: swapping them is a free, physically valid sample.
+            left, right = self.swap_channels
+            inputs = inputs.copy()
+            inputs[[left, right]] = inputs[[right, left]]
+        arrays = [inputs, chip.base[None], np.nan_to_num(target, nan=0.0), valid]
         if rng is not None:
             arrays = _augment(arrays, rng)
         inputs, base, target, valid = arrays

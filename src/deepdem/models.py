@@ -1,17 +1,22 @@
-"""The DeepDEM network and its Lightning task.
+"""Networks, the Lightning task, and checkpoints.
 
-The network predicts a normalised residual; heights are ``net(x) × scale + base`` where
-``base`` is the initial DSM (its chip mean where it has no data). Everything ``refine`` needs is
-stored in the checkpoint's ``model_kwargs`` — the attribute DeepDEM's users read
+The network predicts a normalised residual per target; heights are ``net(x) × scale + base``
+where ``base`` is the initial DSM (its chip mean where it has no data). Everything ``refine``
+needs is stored in the checkpoint's ``model_kwargs`` — the attribute DeepDEM's users read
 (``DeepDEMRegressionTask.load_from_checkpoint(p).model_kwargs['bands']``).
+
+Networks: any segmentation-models-pytorch architecture and encoder by name (``arch='Unet'``,
+``encoder='resnet18'``), or ``arch='ResDepth'``, the UNet of ResDepth (Stucker & Schindler 2022)
+used as the baseline.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import lightning as L
 import segmentation_models_pytorch as smp
@@ -22,19 +27,71 @@ from .errors import CheckpointError
 
 DEFAULT_BANDS = ("dsm", "ortho_left", "ortho_right", "triangulation_error", "ndvi", "nodata_mask")
 CHECKPOINT_FORMAT = "deepdem-checkpoint-1"
+TARGETS = {"dsm": ("dsm",), "dtm": ("dtm",), "both": ("dsm", "dtm")}
 
 
-def build_network(arch: str = "Unet", encoder: str = "resnet18", in_channels: int = 6) -> nn.Module:
-    """A segmentation-models-pytorch network with one output channel and no pretrained weights.
+class ResDepthUNet(nn.Module):
+    """ResDepth's UNet: 5 levels, 64 → 512 filters, one conv + BN + ReLU per level, additive skips.
+
+    Like the original, it predicts a residual that is added to the (normalised) input DSM; here
+    the addition happens in :meth:`DeepDEMRegressionTask.predict_heights`, in metres, so the
+    same residual convention serves every architecture.
+    """
+
+    def __init__(self, in_channels: int, classes: int = 1, filters: Sequence[int] = (64, 128, 256, 512, 512)):
+        super().__init__()
+
+        def block(cin, cout):
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+        self.encoder = nn.ModuleList()
+        previous = in_channels
+        for width in filters:
+            self.encoder.append(block(previous, width))
+            previous = width
+        self.pool = nn.MaxPool2d(2)
+        self.bottleneck = block(filters[-1], filters[-1])
+        self.up = nn.ModuleList()
+        self.decoder = nn.ModuleList()
+        for width_below, width in zip(reversed(filters), list(reversed(filters))[1:] + [filters[0]]):
+            self.up.append(nn.ConvTranspose2d(width_below, width_below, 2, stride=2))
+            self.decoder.append(block(width_below, width))
+        self.head = nn.Conv2d(filters[0], classes, 1)
+        self.depth = len(filters)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        factor = 2**self.depth
+        h, w = x.shape[-2:]
+        pad_h, pad_w = (-h) % factor, (-w) % factor
+        if pad_h or pad_w:  # any chip size works, not only multiples of 32
+            x = nn.functional.pad(x, (0, pad_w, 0, pad_h), mode="reflect")
+        skips = []
+        for level in self.encoder:
+            x = level(x)
+            skips.append(x)
+            x = self.pool(x)
+        x = self.bottleneck(x)
+        for up, decode, skip in zip(self.up, self.decoder, reversed(skips)):
+            x = decode(up(x) + skip)  # additive skip, as ResDepth
+        return self.head(x)[..., :h, :w]
+
+
+def build_network(arch: str = "Unet", encoder: str = "resnet18", in_channels: int = 6, classes: int = 1) -> nn.Module:
+    """A network by name with ``classes`` output channels and no pretrained weights.
 
     ImageNet weights are not used: the inputs are heights and equalised panchromatic images,
     not RGB, and runs must not download anything.
     """
+    if arch.lower() == "resdepth":
+        return ResDepthUNet(in_channels, classes)
     try:
         model_class = getattr(smp, arch)
     except AttributeError:
-        raise CheckpointError(f"unknown segmentation-models-pytorch architecture '{arch}'") from None
-    return model_class(encoder_name=encoder, encoder_weights=None, in_channels=in_channels, classes=1)
+        raise CheckpointError(f"unknown architecture '{arch}' (ResDepth or a segmentation-models-pytorch class such as Unet, UnetPlusPlus, FPN, DeepLabV3Plus)") from None
+    try:
+        return model_class(encoder_name=encoder, encoder_weights=None, in_channels=in_channels, classes=classes)
+    except (KeyError, ValueError) as exc:
+        raise CheckpointError(f"cannot build {arch} with encoder '{encoder}': {str(exc).splitlines()[0][:200]}") from None
 
 
 def masked_l1(prediction: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -46,60 +103,87 @@ def masked_l1(prediction: torch.Tensor, target: torch.Tensor, valid: torch.Tenso
 class DeepDEMRegressionTask(L.LightningModule):
     """Residual refinement of a DSM: L1 in metres against LIDAR truth on valid pixels.
 
-    ``model_kwargs`` (JSON-like) carries: ``bands``, ``chip_size``, ``target`` ('dsm'/'dtm'),
-    ``arch``, ``encoder``, ``GSF_DICT`` (training scale factor per chip size), ``scale_source``,
-    ``datapath`` (training scenes), ``normalisation`` and the optimiser settings.
+    ``model_kwargs`` (JSON-like) carries: ``bands``, ``chip_size``, ``target`` ('dsm', 'dtm' or
+    'both' for two heads), ``arch``, ``encoder``, ``GSF_DICT`` (training scale factor per chip
+    size), ``scale_source``, ``datapath`` (training scenes), ``normalisation`` and the optimiser
+    settings (``lr``, ``lr_patience``).
     """
+
+    #: validation errors kept per epoch for the median-based NMAD (a random subsample)
+    NMAD_SAMPLES = 200_000
 
     def __init__(self, model_kwargs: dict[str, Any]):
         super().__init__()
         self.save_hyperparameters()
         self.model_kwargs = dict(model_kwargs)
+        self.targets = TARGETS[self.model_kwargs.get("target", "dsm")]
         self.model = build_network(
             self.model_kwargs.get("arch", "Unet"),
             self.model_kwargs.get("encoder", "resnet18"),
             len(self.model_kwargs["bands"]),
+            classes=len(self.targets),
         )
+        self._val_errors: list[torch.Tensor] = []
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        """Normalised residual for normalised inputs (B, C, H, W) → (B, 1, H, W)."""
+        """Normalised residual(s) for normalised inputs (B, C, H, W) → (B, n_targets, H, W)."""
         return self.model(inputs)
 
     def predict_heights(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        residual = self(batch["inputs"]).float()  # the addition stays in float32 under autocast
+        """Heights in metres (B, n_targets, H, W); the addition stays in float32 under autocast."""
+        residual = self(batch["inputs"]).float()
         return residual * batch["scale"] + batch["base"]
 
     def _shared_step(self, batch, stage: str):
         prediction = self.predict_heights(batch)
-        loss = masked_l1(prediction, batch["target"], batch["valid"])
+        target, valid = batch["target"], batch["valid"]
+        loss = sum(masked_l1(prediction[:, i : i + 1], target[:, i : i + 1], valid[:, i : i + 1])
+                   for i in range(len(self.targets)))
         batch_size = batch["inputs"].shape[0]
-        self.log(f"{stage}_l1", loss, prog_bar=True, batch_size=batch_size, on_epoch=True, on_step=False)
+        sync = self.trainer is not None and self.trainer.world_size > 1
+        self.log(f"{stage}_l1", loss, prog_bar=True, batch_size=batch_size, on_epoch=True, on_step=False, sync_dist=sync)
         if stage == "val":
-            valid = batch["valid"]
-            errors = (prediction - batch["target"])[valid]
-            initial = (batch["base"] - batch["target"])[valid]
-            self.log("val_mae", errors.abs().mean(), prog_bar=True, batch_size=batch_size)
-            self.log("val_bias", errors.mean(), batch_size=batch_size)
-            self.log("val_initial_mae", initial.abs().mean(), batch_size=batch_size)
+            errors = (prediction - target)[valid]
+            initial = (batch["base"].expand_as(target) - target)[valid]
+            self.log("val_mae", errors.abs().mean(), prog_bar=True, batch_size=batch_size, sync_dist=sync)
+            self.log("val_rmse", errors.pow(2).mean().sqrt(), batch_size=batch_size, sync_dist=sync)
+            self.log("val_bias", errors.mean(), batch_size=batch_size, sync_dist=sync)
+            self.log("val_initial_mae", initial.abs().mean(), batch_size=batch_size, sync_dist=sync)
+            self._val_errors.append(errors.detach().float().cpu())
         return loss
 
     def training_step(self, batch, batch_idx):
-        return self._shared_step(batch, "train")
+        loss = self._shared_step(batch, "train")
+        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=False, on_epoch=True, batch_size=1)
+        return loss
 
     def validation_step(self, batch, batch_idx):
         return self._shared_step(batch, "val")
+
+    def on_validation_epoch_end(self):
+        if not self._val_errors:
+            return
+        errors = torch.cat(self._val_errors)
+        self._val_errors.clear()
+        if errors.numel() > self.NMAD_SAMPLES:
+            generator = torch.Generator().manual_seed(0)
+            errors = errors[torch.randperm(errors.numel(), generator=generator)[: self.NMAD_SAMPLES]]
+        if errors.numel():
+            median = errors.median()
+            self.log("val_nmad", 1.4826 * (errors - median).abs().median())
 
     def configure_optimizers(self):
         lr = float(self.model_kwargs.get("lr", 5e-4))
         optimizer = torch.optim.Adam(self.parameters(), lr=lr)
         scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer, factor=0.5, patience=int(self.model_kwargs.get("lr_patience", 10))
+            optimizer, factor=0.5, patience=int(self.model_kwargs.get("lr_patience", 50))
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "monitor": "val_mae"}}
 
 
+# -- checkpoints ----------------------------------------------------------------------------
 def save_checkpoint(task: DeepDEMRegressionTask, path: str | os.PathLike) -> Path:
-    """Save the weights and ``model_kwargs`` only (no optimiser state), loadable without pickle code."""
+    """Save the weights and ``model_kwargs`` only (no optimiser state; a few tens of MB)."""
     from .io import atomic_path
 
     path = Path(path)
@@ -114,31 +198,77 @@ def save_checkpoint(task: DeepDEMRegressionTask, path: str | os.PathLike) -> Pat
     return path
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> DeepDEMRegressionTask:
-    """Load a deepdem (or Lightning) checkpoint with ``weights_only=True``: no code runs on load."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError("checkpoint not found", path)
+def export_safetensors(task: DeepDEMRegressionTask, out: str | os.PathLike) -> tuple[Path, Path]:
+    """Export as ``<out>.safetensors`` (weights) + ``<out>.json`` (model_kwargs): no pickle at all."""
+    from safetensors.torch import save_file
+
+    from .io import atomic_path
+
+    out = Path(out)
+    weights, meta = out.with_suffix(".safetensors"), out.with_suffix(".json")
+    state = {k: v.detach().cpu().contiguous() for k, v in task.state_dict().items()}
+    with atomic_path(weights) as tmp:
+        save_file(state, str(tmp), metadata={"format": CHECKPOINT_FORMAT})
+    with atomic_path(meta) as tmp:
+        Path(tmp).write_text(json.dumps({"format": CHECKPOINT_FORMAT, "model_kwargs": task.model_kwargs}, indent=2))
+    return weights, meta
+
+
+def _read_torch_checkpoint(path: Path, map_location) -> tuple[dict, dict]:
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # pickle payloads, truncated files and non-torch files all land here
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"not a loadable deepdem checkpoint ({first_line[:200]})", path) from None
     try:
-        model_kwargs = payload["hyper_parameters"]["model_kwargs"]
-        state_dict = payload["state_dict"]
+        return payload["hyper_parameters"]["model_kwargs"], payload["state_dict"]
     except (KeyError, TypeError):
         raise CheckpointError("checkpoint has no deepdem model_kwargs/state_dict", path) from None
+
+
+def _read_safetensors(path: Path) -> tuple[dict, dict]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    meta_path = path.with_suffix(".json")
+    if not meta_path.exists():
+        raise CheckpointError(f"metadata file {meta_path.name} is missing beside the weights", path)
+    try:
+        model_kwargs = json.loads(meta_path.read_text())["model_kwargs"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise CheckpointError("unreadable deepdem metadata (expected JSON with 'model_kwargs')", meta_path) from None
+    try:
+        return model_kwargs, load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"unreadable safetensors file ({exc})", path) from None
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> DeepDEMRegressionTask:
+    """Load a model without running code from the file.
+
+    ``.safetensors`` (+ ``.json`` beside it) or any torch/Lightning checkpoint, the latter with
+    ``torch.load(weights_only=True)``, which refuses pickled objects other than tensors and
+    plain containers.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError("checkpoint not found", path)
+    if path.suffix == ".safetensors":
+        model_kwargs, state_dict = _read_safetensors(path)
+    else:
+        model_kwargs, state_dict = _read_torch_checkpoint(path, map_location)
     for key in ("bands", "chip_size"):
         if key not in model_kwargs:
             raise CheckpointError(f"checkpoint metadata lacks '{key}'", path)
-    task = DeepDEMRegressionTask(model_kwargs)
+    try:
+        task = DeepDEMRegressionTask(model_kwargs)
+    except CheckpointError as exc:
+        raise CheckpointError(str(exc), path) from None
     try:
         task.load_state_dict(state_dict)
     except RuntimeError as exc:
         raise CheckpointError(f"weights do not match the model in its metadata ({str(exc).splitlines()[0]})", path) from None
-    task.eval()
-    return task
+    return task.eval()
 
 
 def scale_for(model_kwargs: dict, scene_factors: dict[int, float], chip_size: int) -> float:

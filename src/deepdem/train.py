@@ -1,34 +1,143 @@
-"""Training: Lightning around the residual UNet, on chips of one or more Scenes.
+"""Training: Lightning around the residual network, on chips of one or more Scenes.
 
 Validation uses a spatial hold-out (a stripe of each scene at least one chip wide) on a fixed
-grid of chips with no augmentation, so the validation MAE is comparable between epochs.
+grid of chips with no augmentation, so the validation metrics are comparable between epochs.
+Every run parameter is a field of :class:`TrainConfig`, settable from YAML (``--config``),
+printable (``--print_config``) and stored in the run directory.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import lightning as L
 import numpy as np
 import torch
+import yaml
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from torch.utils.data import DataLoader
 
 from .data import ChipDataset, SceneArrays, largest_fitting_chip, spatial_split
 from .errors import InputError
-from .models import DEFAULT_BANDS, DeepDEMRegressionTask, load_checkpoint, save_checkpoint
+from .models import DEFAULT_BANDS, TARGETS, DeepDEMRegressionTask, load_checkpoint, save_checkpoint
 from .scene import Scene
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    """Every parameter of a training run (YAML keys have the same names)."""
+
+    scenes: list[str] = field(default_factory=list, metadata={"help": "scene directories to train on"})
+    out: str = field(default="run", metadata={"help": "run directory: best.ckpt, checkpoints/, logs/"})
+    bands: list[str] | None = field(default=None, metadata={"help": "input bands by name; default: the six DeepDEM bands present in every scene"})
+    target: str = field(default="dsm", metadata={"help": "dsm, dtm, or both (two heads)"})
+    arch: str = field(default="Unet", metadata={"help": "ResDepth or a segmentation-models-pytorch class (Unet, UnetPlusPlus, FPN, DeepLabV3Plus, ...)"})
+    encoder: str = field(default="resnet18", metadata={"help": "smp encoder name (ignored by ResDepth)"})
+    chip_size: int = field(default=256, metadata={"help": "chip side in pixels"})
+    batch_size: int = field(default=16, metadata={"help": "chips per batch (per device)"})
+    samples_per_epoch: int = field(default=512, metadata={"help": "random training chips per epoch"})
+    max_epochs: int = field(default=300, metadata={"help": "epoch limit"})
+    max_minutes: float | None = field(default=None, metadata={"help": "wall-clock limit in minutes"})
+    lr: float = field(default=5e-4, metadata={"help": "Adam learning rate"})
+    lr_patience: int = field(default=50, metadata={"help": "epochs without val MAE gain before the LR halves"})
+    early_stopping_patience: int = field(default=75, metadata={"help": "epochs without val MAE gain (0.005 m) before stopping"})
+    holdout_fraction: float = field(default=0.2, metadata={"help": "share of each scene's long axis held out for validation (at least one chip)"})
+    swap_images: bool = field(default=True, metadata={"help": "randomly swap the left and right images while training"})
+    precision: str = field(default="auto", metadata={"help": "auto (bf16-mixed where supported), 32-true, bf16-mixed, 16-mixed"})
+    channels_last: bool = field(default=True, metadata={"help": "channels-last memory format (about 1.4x faster on CPU)"})
+    accelerator: str = field(default="auto", metadata={"help": "auto, cpu, gpu"})
+    devices: int | str = field(default=1, metadata={"help": "devices per node (processes with --strategy ddp on CPU)"})
+    num_nodes: int = field(default=1, metadata={"help": "nodes for distributed training"})
+    strategy: str = field(default="auto", metadata={"help": "auto, ddp, ddp_spawn, ... (Lightning strategies)"})
+    num_workers: int = field(default=0, metadata={"help": "data-loader worker processes"})
+    seed: int = field(default=0, metadata={"help": "seed of weights, chips and augmentation"})
+    resume: bool = field(default=False, metadata={"help": "continue from out/checkpoints/last.ckpt"})
+    progress: bool | None = field(default=None, metadata={"help": "progress bar (default: when stderr is a terminal)"})
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike, **overrides) -> "TrainConfig":
+        path = Path(path)
+        if not path.exists():
+            raise InputError("config file not found", path)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise InputError(f"not valid YAML ({str(exc).splitlines()[0]})", path) from None
+        data = data.get("train", data) if isinstance(data, dict) else data
+        if not isinstance(data, dict):
+            raise InputError("a training config must be a mapping of parameter: value", path)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise InputError(f"unknown parameter(s) {', '.join(unknown)} (see 'deepdem train --print_config')", path)
+        return cls(**{**data, **{k: v for k, v in overrides.items() if v is not None}})
+
+    def to_yaml(self, comments: bool = True) -> str:
+        lines = ["# deepdem train configuration (deepdem train --config this.yaml)"] if comments else []
+        for f in dataclasses.fields(self):
+            if comments:
+                lines.append(f"# {f.metadata.get('help', '')}")
+            value = yaml.safe_dump(getattr(self, f.name), default_flow_style=True).replace("\n...\n", "").strip()
+            lines.append(f"{f.name}: {value}")
+        return "\n".join(lines) + "\n"
+
+
+def add_train_arguments(parser) -> None:
+    """One command-line flag per :class:`TrainConfig` field (``chip_size`` → ``--chip-size``).
+
+    Flags default to None so that, with ``--config``, only what is given on the command line
+    overrides the file.
+    """
+    import argparse
+
+    parser.add_argument("--config", help="YAML file of parameters (see --print_config)")
+    parser.add_argument("--print_config", action="store_true", help="print the resolved configuration as YAML and exit")
+    for f in dataclasses.fields(TrainConfig):
+        help_text = f"{f.metadata.get('help', '')} (default: {_default_of(f)})"
+        if f.name == "scenes":
+            parser.add_argument("--scene", dest="scenes", action="append", help="scene directory (repeat for several)")
+        elif f.name == "out":
+            parser.add_argument("--out", help=help_text)
+        elif f.name == "bands":
+            parser.add_argument("--bands", nargs="+", help=help_text)
+        elif f.name in ("progress", "resume") or isinstance(f.default, bool):
+            parser.add_argument(f"--{f.name.replace('_', '-')}", action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            kind = type(f.default) if f.default is not None and not isinstance(f.default, str) else str
+            if f.name == "max_minutes":
+                kind = float
+            if f.name == "devices":
+                kind = _int_or_str
+            parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=None, help=help_text)
+
+
+def _int_or_str(value: str):
+    return int(value) if value.isdigit() else value
+
+
+def _default_of(f) -> Any:
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def config_from_args(args) -> TrainConfig:
+    """The configuration from ``--config`` (if given) overridden by the flags given."""
+    names = [f.name for f in dataclasses.fields(TrainConfig)]
+    given = {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+    if args.config:
+        return TrainConfig.from_yaml(args.config, **given)
+    return TrainConfig(**given)
 
 
 @dataclass
@@ -50,25 +159,26 @@ class _EpochSeeder(Callback):
 
 
 class _EpochPrinter(Callback):
-    """One line per epoch when there is no progress bar (logs, CI, pipes)."""
+    """One line per epoch (at most every ``every_seconds``) when there is no progress bar."""
 
     def __init__(self, every_seconds: float = 20.0):
         self.every_seconds, self.last = every_seconds, 0.0
 
     def on_validation_epoch_end(self, trainer, pl_module):
         now = time.time()
-        if trainer.sanity_checking or now - self.last < self.every_seconds:
+        if trainer.sanity_checking or not trainer.is_global_zero or now - self.last < self.every_seconds:
             return
         self.last = now
         m = trainer.callback_metrics
         train_l1 = f"train L1 {float(m['train_l1']):.3f} m, " if "train_l1" in m else ""
-        print(f"  epoch {trainer.current_epoch}: {train_l1}val MAE {float(m['val_mae']):.3f} m "
+        nmad = f", NMAD {float(m['val_nmad']):.3f} m" if "val_nmad" in m else ""
+        print(f"  epoch {trainer.current_epoch}: {train_l1}val MAE {float(m['val_mae']):.3f} m{nmad} "
               f"(initial DSM {float(m['val_initial_mae']):.3f} m)", flush=True)
 
 
-def _check_scenes(scenes: Sequence[Scene], bands: Sequence[str], target_band: str, chip_size: int) -> None:
+def _check_scenes(scenes: Sequence[Scene], bands: Sequence[str], target_bands: Sequence[str], chip_size: int) -> None:
     for scene in scenes:
-        missing = [b for b in (*bands, target_band) if not scene.has(b)]
+        missing = [b for b in (*bands, *target_bands) if not scene.has(b)]
         if missing:
             raise InputError(f"scene lacks band(s) {', '.join(missing)} (it has: {', '.join(scene.bands)})", scene.path)
         if min(scene.shape) < chip_size or max(scene.shape) < 2 * chip_size:
@@ -80,55 +190,50 @@ def _check_scenes(scenes: Sequence[Scene], bands: Sequence[str], target_band: st
             )
 
 
-def train(
-    scenes: Sequence[str | os.PathLike | Scene],
-    out: str | os.PathLike,
-    bands: Sequence[str] | None = None,
-    target: str = "dsm",
-    chip_size: int = 256,
-    batch_size: int = 16,
-    max_minutes: float | None = None,
-    max_epochs: int = 300,
-    samples_per_epoch: int = 512,
-    lr: float = 5e-4,
-    arch: str = "Unet",
-    encoder: str = "resnet18",
-    precision: str = "auto",
-    channels_last: bool = True,
-    holdout_fraction: float = 0.2,
-    early_stopping_patience: int = 75,
-    seed: int = 0,
-    num_workers: int = 0,
-    progress: bool | None = None,
-) -> TrainResult:
+def train(scenes: Sequence[str | os.PathLike | Scene] | None = None, out: str | os.PathLike | None = None,
+          config: TrainConfig | None = None, **kwargs: Any) -> TrainResult:
     """Train a DeepDEM model on scenes and save ``out/best.ckpt`` (weights + metadata).
 
-    ``precision='auto'`` uses bf16 autocast on CPU and GPU where supported (about twice as fast
-    on CPU; the residual is added to the DSM in float32). ``max_minutes`` bounds wall time.
+    Parameters are those of :class:`TrainConfig`, given as a config or as keywords, e.g.
+    ``train(["scenes/a"], "runs/a", chip_size=128, max_minutes=5)``.
     """
-    if target not in ("dsm", "dtm"):
-        raise InputError(f"target must be 'dsm' or 'dtm', got {target!r}")
-    opened = [s if isinstance(s, Scene) else Scene.open(s) for s in scenes]
+    config = dataclasses.replace(config or TrainConfig(), **kwargs)
+    if scenes is not None:
+        config.scenes = [s if isinstance(s, Scene) else str(s) for s in scenes]
+    if out is not None:
+        config.out = str(out)
+    return _train(config)
+
+
+def _train(config: TrainConfig) -> TrainResult:
+    if config.target not in TARGETS:
+        raise InputError(f"target must be one of {', '.join(TARGETS)}, got {config.target!r}")
+    opened = [s if isinstance(s, Scene) else Scene.open(s) for s in config.scenes]
     if not opened:
         raise InputError("no scene given (--scene DIR)")
-    target_band = f"truth_{target}"
+    target_bands = [f"truth_{t}" for t in TARGETS[config.target]]
+    bands = config.bands
     if bands is None:
         bands = [b for b in DEFAULT_BANDS if all(s.has(b) for s in opened)]
         dropped = sorted(set(DEFAULT_BANDS) - set(bands))
         if dropped:
             log.warning("training without band(s) %s: not in every scene", ", ".join(dropped))
     bands = list(bands)
-    if progress is None:
-        progress = sys.stderr.isatty()
     if "dsm" not in bands:
         raise InputError("the bands must include 'dsm': the network refines it")
-    _check_scenes(opened, bands, target_band, chip_size)
+    unknown = [b for b in bands if b not in DEFAULT_BANDS]
+    if unknown:
+        raise InputError(f"unknown input band(s) {', '.join(unknown)} (choose from {', '.join(DEFAULT_BANDS)})")
+    chip_size = config.chip_size
+    _check_scenes(opened, bands, target_bands, chip_size)
+    progress = sys.stderr.isatty() if config.progress is None else config.progress
 
-    L.seed_everything(seed, workers=True, verbose=False)
+    L.seed_everything(config.seed, workers=True, verbose=False)
     torch.set_float32_matmul_precision("high")
-    arrays = [SceneArrays(s, bands, target, chip_size) for s in opened]
-    splits = [spatial_split(s.shape, chip_size, holdout_fraction) for s in opened]
-    train_set = ChipDataset(arrays, [t for t, _ in splits], bands, chip_size, "train", samples_per_epoch, seed)
+    arrays = [SceneArrays(s, bands, list(TARGETS[config.target]), chip_size) for s in opened]
+    splits = [spatial_split(s.shape, chip_size, config.holdout_fraction) for s in opened]
+    train_set = ChipDataset(arrays, [t for t, _ in splits], bands, chip_size, "train",
+                            config.samples_per_epoch, config.seed, swap_images=config.swap_images)
     val_set = ChipDataset(arrays, [v for _, v in splits], bands, chip_size, "val")
 
     gsf = {}
@@ -138,63 +243,84 @@ def train(
     model_kwargs = {
         "bands": bands,
         "chip_size": chip_size,
-        "target": target,
-        "arch": arch,
-        "encoder": encoder,
+        "target": config.target,
+        "arch": config.arch,
+        "encoder": config.encoder,
         "GSF_DICT": gsf,
         "scale_source": "scene",
         "normalisation": "dsm: (dsm - valid chip mean) / scene scale factor, nodata -> 0; "
         "orthos: CLAHE [0,1], nodata -> 0; triangulation_error: m, nodata -> -1; ndvi: nodata -> 0",
         "datapath": [str(s.path.resolve()) for s in opened],
         "scenes": [s.manifest.get("provenance", {}) for s in opened],
-        "lr": lr,
-        "batch_size": batch_size,
-        "seed": seed,
+        "lr": config.lr,
+        "lr_patience": config.lr_patience,
+        "batch_size": config.batch_size,
+        "seed": config.seed,
         "deepdem_version": __import__("deepdem").__version__,
     }
     task = DeepDEMRegressionTask(model_kwargs)
-    if channels_last:
+    if config.channels_last:
         task = task.to(memory_format=torch.channels_last)
 
-    out = Path(out)
+    out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
+    resume_from = out / "checkpoints" / "last.ckpt"
+    if config.resume and not resume_from.exists():
+        raise InputError("nothing to resume: no checkpoints/last.ckpt in the run directory", out)
+    resumed_epoch = None
+    if config.resume:
+        resumed_epoch = int(torch.load(resume_from, map_location="cpu", weights_only=True).get("epoch", -1))
+        print(f"resuming {out} after epoch {resumed_epoch}", flush=True)
+    if not config.resume and resume_from.exists():
+        log.warning("%s holds an earlier run; starting afresh (use --resume to continue it)", out)
+    stored = dataclasses.replace(config, scenes=[str(s.path) for s in opened])
+    (out / "config.yaml").write_text(stored.to_yaml())
+
+    precision = config.precision
     if precision == "auto":
         precision = "bf16-mixed" if (not torch.cuda.is_available() or torch.cuda.is_bf16_supported()) else "16-mixed"
-    checkpointing = ModelCheckpoint(dirpath=out / "checkpoints", filename="epoch{epoch:03d}", monitor="val_mae",
+    checkpointing = ModelCheckpoint(dirpath=out / "checkpoints", filename="best-epoch{epoch:03d}", monitor="val_mae",
                                     mode="min", save_top_k=1, save_last=True, auto_insert_metric_name=False)
     callbacks = [
         checkpointing,
-        EarlyStopping(monitor="val_mae", patience=early_stopping_patience, min_delta=0.005, mode="min"),
+        EarlyStopping(monitor="val_mae", patience=config.early_stopping_patience, min_delta=0.005, mode="min"),
         _EpochSeeder(),
     ]
     if not progress:
         callbacks.append(_EpochPrinter())
     trainer = L.Trainer(
-        max_epochs=max_epochs,
-        max_time=timedelta(minutes=max_minutes) if max_minutes else None,
-        accelerator="auto",
-        devices=1,
+        max_epochs=config.max_epochs,
+        max_time=timedelta(minutes=config.max_minutes) if config.max_minutes else None,
+        accelerator=config.accelerator,
+        devices=config.devices,
+        num_nodes=config.num_nodes,
+        strategy=config.strategy,
         precision=precision,
         callbacks=callbacks,
-        logger=CSVLogger(out, name="logs"),
+        logger=[CSVLogger(out, name="logs", version=""), TensorBoardLogger(out, name="tensorboard", version="")],
         enable_progress_bar=progress,
         enable_model_summary=False,
         log_every_n_steps=10,
         num_sanity_val_steps=0,
     )
-    loader_args = dict(batch_size=batch_size, num_workers=num_workers, persistent_workers=False)
+    loader_args = dict(batch_size=config.batch_size, num_workers=config.num_workers,
+                       persistent_workers=False, pin_memory=torch.cuda.is_available())
     started = time.time()
     trainer.fit(
         task,
         DataLoader(train_set, shuffle=False, drop_last=True, **loader_args),
         DataLoader(val_set, shuffle=False, **loader_args),
+        ckpt_path=str(resume_from) if config.resume else None,
+        weights_only=True,
     )
     seconds = time.time() - started
+    if not trainer.is_global_zero:
+        return TrainResult(out / "best.ckpt", float("nan"), float("nan"), trainer.current_epoch, seconds)
 
     best_path = checkpointing.best_model_path or checkpointing.last_model_path
     if not best_path:
         raise InputError("training stopped before the first validation: give it more time (--max-minutes)", out)
-    best = load_checkpoint_from_lightning(best_path, model_kwargs)
+    best = _load_lightning_weights(best_path, model_kwargs)
     checkpoint = save_checkpoint(best, out / "best.ckpt")
     metrics = trainer.callback_metrics
     best_score = float(checkpointing.best_model_score) if checkpointing.best_model_score is not None else float("nan")
@@ -208,17 +334,17 @@ def train(
     (out / "train.json").write_text(json.dumps({
         "checkpoint": str(checkpoint), "best_val_mae_m": result.best_val_mae,
         "initial_val_mae_m": result.initial_val_mae, "epochs": result.epochs,
-        "seconds": round(seconds, 1), "model_kwargs": model_kwargs,
+        "seconds": round(seconds, 1), "resumed_after_epoch": resumed_epoch, "model_kwargs": model_kwargs,
     }, indent=2))
     return result
 
 
-def load_checkpoint_from_lightning(path: str | os.PathLike, model_kwargs: dict) -> DeepDEMRegressionTask:
-    """Load the best Lightning checkpoint's weights safely (``weights_only=True``)."""
+def _load_lightning_weights(path: str | os.PathLike, model_kwargs: dict) -> DeepDEMRegressionTask:
+    """The best Lightning checkpoint's weights, loaded safely (``weights_only=True``)."""
     payload = torch.load(path, map_location="cpu", weights_only=True)
     task = DeepDEMRegressionTask(model_kwargs)
     task.load_state_dict(payload["state_dict"])
     return task.eval()
 
 
-__all__ = ["train", "TrainResult", "load_checkpoint"]
+__all__ = ["train", "TrainConfig", "TrainResult", "load_checkpoint"]

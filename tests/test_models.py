@@ -1,0 +1,86 @@
+import numpy as np
+import pytest
+import torch
+
+from deepdem.errors import CheckpointError
+from deepdem.models import (DeepDEMRegressionTask, ResDepthUNet, build_network, export_safetensors,
+                            load_checkpoint, save_checkpoint)
+
+
+@pytest.mark.parametrize("arch", ["Unet", "UnetPlusPlus", "FPN", "DeepLabV3Plus", "ResDepth"])
+def test_networks_by_name_map_chips_to_one_residual_per_target(arch):
+    net = build_network(arch, "resnet18", in_channels=3, classes=2).eval()
+    with torch.no_grad():
+        out = net(torch.randn(1, 3, 64, 64))
+    assert out.shape == (1, 2, 64, 64)
+
+
+def test_resdepth_has_five_levels_of_64_to_512_filters_and_any_chip_size():
+    net = ResDepthUNet(in_channels=1).eval()
+    widths = [level[0].out_channels for level in net.encoder]
+    assert widths == [64, 128, 256, 512, 512]
+    assert all(isinstance(level[1], torch.nn.BatchNorm2d) for level in net.encoder)
+    with torch.no_grad():
+        assert net(torch.randn(2, 1, 72, 40)).shape == (2, 1, 72, 40)
+
+
+def test_unknown_architecture_is_a_clear_error():
+    with pytest.raises(CheckpointError, match="unknown architecture 'Nope'"):
+        build_network("Nope")
+
+
+def _task(**extra):
+    return DeepDEMRegressionTask({"bands": ["dsm", "ortho_left"], "chip_size": 64, **extra})
+
+
+def test_safetensors_export_loads_without_pickle(tmp_path, monkeypatch):
+    task = _task(target="both")
+    weights, meta = export_safetensors(task, tmp_path / "model")
+    assert weights.name == "model.safetensors" and meta.name == "model.json"
+
+    def no_pickle(*args, **kwargs):
+        raise AssertionError("torch.load must not be used for safetensors")
+
+    monkeypatch.setattr(torch, "load", no_pickle)
+    loaded = load_checkpoint(weights)
+    assert loaded.model_kwargs["target"] == "both"
+    for (name, a), b in zip(task.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_pickle_payload_planted_in_a_real_checkpoint_is_refused(tmp_path):
+    path = save_checkpoint(_task(), tmp_path / "good.ckpt")
+    payload = torch.load(path, weights_only=True)
+    payload["hyper_parameters"]["model_kwargs"]["extra"] = _Exploit()
+    torch.save(payload, tmp_path / "planted.ckpt")
+    marker = tmp_path / "ran"
+    _Exploit.marker = str(marker)
+    with pytest.raises(CheckpointError, match="planted.ckpt: not a loadable deepdem checkpoint"):
+        load_checkpoint(tmp_path / "planted.ckpt")
+    assert not marker.exists()
+    assert load_checkpoint(path).model_kwargs["bands"] == ["dsm", "ortho_left"]
+
+
+class _Exploit:
+    marker = "ran"
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_truncated_checkpoint_is_refused(tmp_path):
+    path = save_checkpoint(_task(), tmp_path / "m.ckpt")
+    data = path.read_bytes()
+    (tmp_path / "cut.ckpt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="cut.ckpt"):
+        load_checkpoint(tmp_path / "cut.ckpt")
+
+
+def test_residual_is_added_to_the_dsm_in_metres():
+    task = _task().eval()
+    batch = {"inputs": torch.zeros(1, 2, 64, 64), "base": torch.full((1, 1, 64, 64), 100.0),
+             "scale": torch.full((1, 1, 1, 1), 4.0)}
+    with torch.no_grad():
+        residual = task(batch["inputs"])
+        heights = task.predict_heights(batch)
+    np.testing.assert_allclose(heights.numpy(), (residual * 4.0 + 100.0).numpy(), rtol=1e-6)
