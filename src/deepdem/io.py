@@ -46,6 +46,45 @@ def open_raster(path: str | os.PathLike):
         raise InputError(f"not a readable raster ({str(exc).splitlines()[0]})", path) from None
 
 
+def horizontal_crs(crs: CRS | None) -> CRS | None:
+    """The 2D (horizontal) part of a CRS: compound and 3D CRSs (ASP writes WKT with
+    ellipsoidal heights) are reduced to their horizontal component for warping, because the
+    grid is horizontal and GDAL would otherwise try a vertical transformation too.
+    """
+    if crs is None:
+        return None
+    import pyproj
+
+    proj = pyproj.CRS.from_user_input(crs.to_wkt() if isinstance(crs, CRS) else crs)
+    if proj.is_compound:
+        proj = proj.sub_crs_list[0]
+    if len(proj.axis_info) == 3:
+        proj = proj.to_2d()
+    epsg = proj.to_epsg()
+    return CRS.from_epsg(epsg) if epsg else CRS.from_wkt(proj.to_wkt())
+
+
+def vertical_reference(crs: CRS | None) -> str | None:
+    """Name of the vertical reference a CRS declares, or None when it declares none.
+
+    A compound CRS names its vertical CRS (e.g. "NAVD88 height"); a 3D CRS has ellipsoidal
+    heights ("ellipsoidal height (WGS 84)"); a 2D CRS says nothing about heights.
+    """
+    if crs is None:
+        return None
+    import pyproj
+
+    proj = pyproj.CRS.from_user_input(crs.to_wkt() if isinstance(crs, CRS) else crs)
+    if proj.is_compound:
+        vertical = proj.sub_crs_list[1]
+        unit = vertical.axis_info[0].unit_name if vertical.axis_info else "metre"
+        return f"{vertical.name} [{unit}]"
+    if len(proj.axis_info) == 3:
+        datum = proj.geodetic_crs.datum.name if proj.geodetic_crs else "unknown datum"
+        return f"ellipsoidal height ({datum})"
+    return None
+
+
 def valid_mask(data: np.ndarray, nodata: float | None) -> np.ndarray:
     """Pixels that hold data: finite, and not equal to the declared nodata value.
 
@@ -71,8 +110,14 @@ def write_raster(
     description: str | None = None,
     dtype: str | None = None,
     overviews: bool = False,
+    overview_resampling: str = "average",
 ) -> Path:
-    """Write a single-band tiled, compressed GeoTIFF atomically (temp file, then rename)."""
+    """Write a single-band tiled, compressed GeoTIFF atomically (temp file, then rename).
+
+    With ``overviews``, internal overviews are built (``overview_resampling``: "average" for
+    continuous data, "nearest" for masks and classes) down to about 64 px, so QGIS and GDAL
+    display even a small raster without reading it whole.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     array = np.asarray(array)
@@ -82,8 +127,12 @@ def write_raster(
         profile["predictor"] = 2
     height, width = array.shape
     if height < 256 or width < 256:
-        profile.pop("blockxsize"), profile.pop("blockysize")
-        profile["tiled"] = False
+        # GeoTIFF tiles must be multiples of 16: a small raster gets the largest power-of-two
+        # tile below its size rather than strips, so every output has the same (tiled) layout.
+        block = 16
+        while block * 2 < min(height, width) and block < 128:
+            block *= 2
+        profile["blockxsize"] = profile["blockysize"] = block
     profile.update(
         height=height, width=width, count=1, dtype=dtype, transform=transform,
         crs=CRS.from_user_input(crs) if crs else None, nodata=nodata,
@@ -93,11 +142,17 @@ def write_raster(
             dst.write(array.astype(dtype, copy=False), 1)
             if description:
                 dst.set_band_description(1, description)
-            if overviews and min(height, width) >= 512:
-                factors = [f for f in (2, 4, 8, 16, 32) if min(height, width) // f >= 128]
-                dst.build_overviews(factors, rasterio.enums.Resampling.average)
-                dst.update_tags(ns="rio_overview", resampling="average")
+            factors = [f for f in (2, 4, 8, 16, 32, 64) if min(height, width) // f >= 64]
+            if overviews and factors:
+                dst.build_overviews(factors, rasterio.enums.Resampling[overview_resampling])
+                dst.update_tags(ns="rio_overview", resampling=overview_resampling)
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 @contextlib.contextmanager
@@ -108,6 +163,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; outputs are meant to be shared
     try:
         yield tmp
         os.replace(tmp, path)
@@ -125,6 +181,7 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700 directories
     try:
         yield tmp
         if path.exists():

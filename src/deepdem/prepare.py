@@ -1,80 +1,313 @@
 """Build a Scene from input rasters: common grid, nodata honoured, equalised images, statistics.
 
-Every input is aligned onto the DSM's grid with rasterio's warp, resampled according to its
-band kind (bilinear for continuous bands), with its own nodata honoured and areas it does not
-cover left as nodata (never 0). The nodata mask is "valid in every input".
+Every input is aligned onto one grid (the DSM's, or the DSM's footprint at ``resolution`` in
+``crs``) with rasterio's warp, resampled according to its band kind: bilinear (or cubic) for
+continuous bands when the source is as fine as the grid or coarser, *average* when the source
+is much finer (bilinear would alias a 0.2 m image onto a 1 m grid), nearest for masks and
+classes. Each file's own nodata is honoured, and areas an input does not cover stay nodata
+(never 0). The nodata mask is "valid in every input".
+
+Heights: compound and 3D CRSs (ASP writes WKT with ellipsoidal heights) are split into their
+horizontal part (used for warping) and their vertical reference. When the DSM and the truth
+declare different vertical references, the DSM is transformed into the truth's with pyproj, or
+preparation stops naming both references when PROJ lacks the grid to do it.
+
+Optionally the DSM (with the orthos and the error map, which share its geometry) is
+co-registered to the truth on stable ground (:mod:`deepdem.coregister`), and NDVI is computed
+from a multiband raster or from HLS (:mod:`deepdem.imagery`).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
-import rasterio
+from rasterio.crs import CRS
+from rasterio.errors import CRSError
+from rasterio.transform import from_origin
 from rasterio.warp import Resampling, reproject, transform_bounds
 from skimage import exposure
 
 from .errors import GridError, InputError
-from .io import open_raster, valid_mask
+from .io import horizontal_crs, open_raster, valid_mask, vertical_reference
 from .scene import BANDS, Grid, Scene, write_scene
 
 log = logging.getLogger(__name__)
 
+# How ``--asp-prefix PATH/run`` finds its files. ``{prefix}`` is PATH/run, ``{dir}`` is PATH.
+# The first existing file of each list wins. ASP's own names come first (``run-DEM.tif`` from
+# point2dem, ``run-IntersectionErr.tif`` from point2dem --errorimage); mapproject's output is
+# named by the user, so the usual conventions are tried (ASP docs: ``left_mapproj.tif``;
+# DeepDEM and ``deepdem synth``: ``left_ortho.tif``). ASP's ``run-L.tif`` is *not* a
+# mapprojected image (it is the aligned raw image) and is never picked.
+ASP_PATTERNS: dict[str, tuple[str, ...]] = {
+    "dsm": ("{prefix}-DEM.tif",),
+    "triangulation_error": ("{prefix}-IntersectionErr.tif",),
+    "ortho_left": (
+        "{prefix}-L-mapproj.tif", "{prefix}-left-mapproj.tif", "{prefix}-L_mapproj.tif",
+        "{prefix}-left_ortho.tif", "{prefix}-L-ortho.tif",
+        "{dir}/left_ortho.tif", "{dir}/left_mapproj.tif", "{dir}/left-mapproj.tif",
+        "{dir}/left_map.tif", "{dir}/left_mp.tif", "{dir}/left.map.tif",
+    ),
+    "ortho_right": (
+        "{prefix}-R-mapproj.tif", "{prefix}-right-mapproj.tif", "{prefix}-R_mapproj.tif",
+        "{prefix}-right_ortho.tif", "{prefix}-R-ortho.tif",
+        "{dir}/right_ortho.tif", "{dir}/right_mapproj.tif", "{dir}/right-mapproj.tif",
+        "{dir}/right_map.tif", "{dir}/right_mp.tif", "{dir}/right.map.tif",
+    ),
+    "ndvi": ("{prefix}-NDVI.tif", "{dir}/ndvi.tif"),
+}
+REQUIRED_ASP = ("dsm", "triangulation_error", "ortho_left", "ortho_right")
+CONTINUOUS_UPSAMPLING = ("bilinear", "cubic")
+
+
+def discover_asp_inputs(prefix: str | os.PathLike, required: tuple[str, ...] = REQUIRED_ASP) -> dict[str, Path]:
+    """Find an ASP run's DSM, IntersectionErr, mapprojected images (and NDVI) from its prefix.
+
+    ``prefix`` is what was given to ``parallel_stereo`` (``PATH/run``); a directory holding a
+    single ``*-DEM.tif`` is accepted too. Raises :class:`InputError` naming the patterns tried
+    for a missing required file.
+    """
+    prefix = Path(prefix)
+    if prefix.is_dir():
+        dems = sorted(prefix.glob("*-DEM.tif"))
+        if len(dems) != 1 and "dsm" in required:
+            raise InputError(f"is a directory with {len(dems)} *-DEM.tif files; give the run prefix (PATH/run)", prefix)
+        prefix = dems[0].with_name(dems[0].name[: -len("-DEM.tif")]) if len(dems) == 1 else prefix / "run"
+    found: dict[str, Path] = {}
+    for band, patterns in ASP_PATTERNS.items():
+        candidates = [Path(p.format(prefix=prefix, dir=prefix.parent)) for p in patterns]
+        hit = next((c for c in candidates if c.exists()), None)
+        if hit is not None:
+            found[band] = hit
+            log.info("asp-prefix: %s <- %s", band, hit)
+        elif band in required:
+            names = ", ".join(c.name for c in candidates[:4]) + (", ..." if len(candidates) > 4 else "")
+            raise InputError(f"ASP run has no {band.replace('_', ' ')} (looked for {names}; "
+                             f"see docs/prepare.md, or pass --{band.replace('_', '-')})", prefix)
+    return found
+
+
+def _check_crs(src, path) -> CRS:
+    if src.crs is None:
+        raise InputError("raster has no CRS", path)
+    try:
+        return horizontal_crs(src.crs)
+    except Exception as exc:  # pyproj cannot parse it: the file's georeferencing is unusable
+        raise InputError(f"unusable CRS ({exc})", path) from None
+
+
+def target_grid(dsm: str | os.PathLike, crs: str | CRS | None = None, resolution: float | None = None) -> Grid:
+    """The Scene's grid: the DSM's own, or its footprint in ``crs`` at ``resolution``.
+
+    A new grid has its pixel edges on multiples of the resolution. Geographic CRSs are refused:
+    heights are metres and slopes, chips and scale factors need metric pixels.
+    """
+    with open_raster(dsm) as src:
+        if src.count != 1:
+            raise InputError(f"DSM has {src.count} bands; expected 1", dsm)
+        src_crs = _check_crs(src, dsm)
+        try:
+            dst_crs = CRS.from_user_input(crs) if crs else src_crs
+        except CRSError as exc:
+            raise InputError(f"--crs {crs!r} is not a CRS ({exc})", dsm) from None
+        if dst_crs.is_geographic:
+            raise InputError(f"DSM grid would be in a geographic CRS ({dst_crs.to_string()}, degrees): "
+                             "pass --crs with a metric CRS (e.g. the UTM zone)", dsm)
+        if crs is None and resolution is None:
+            return Grid(src_crs, src.transform, src.height, src.width)
+        left, bottom, right, top = transform_bounds(src_crs, dst_crs, *src.bounds)
+        if resolution is None:
+            # keep about the DSM's pixel count along x
+            resolution = (right - left) / src.width
+        if resolution <= 0:
+            raise InputError(f"--resolution must be positive (got {resolution})", dsm)
+        left = math.floor(left / resolution) * resolution
+        top = math.ceil(top / resolution) * resolution
+        width = max(1, math.ceil((right - left) / resolution - 1e-9))
+        height = max(1, math.ceil((top - bottom) / resolution - 1e-9))
+        return Grid(dst_crs, from_origin(left, top, resolution, resolution), height, width)
+
+
+def resampling_for(band: str, source_resolution: tuple[float, float], grid: Grid, upsampling: str = "bilinear") -> Resampling:
+    """Resampling for one band: nearest for masks; average when the source is ≥ 1.5× finer
+    than the grid (anti-aliasing); ``upsampling`` (bilinear or cubic) otherwise."""
+    if BANDS[band].kind == "mask":
+        return Resampling.nearest
+    ratio = min(grid.resolution) / max(min(source_resolution), 1e-12)
+    if ratio >= 1.5:
+        return Resampling.average
+    return Resampling[upsampling if upsampling in CONTINUOUS_UPSAMPLING else BANDS[band].resampling]
+
+
+def _source_resolution_in(meta: dict, grid: Grid) -> tuple[float, float]:
+    """A source's pixel size expressed in the grid's CRS units."""
+    if meta["crs"] == grid.crs:
+        return meta["res"]
+    left, bottom, right, top = transform_bounds(meta["crs"], grid.crs, *meta["bounds"])
+    return ((right - left) / meta["width"], (top - bottom) / meta["height"])
+
+
+def read_source(path: str | os.PathLike, band: str, indexes: list[int] | None = None,
+                reduce: str | None = None) -> tuple[np.ndarray, object]:
+    """Read band(s) of a raster as float32 with NaN for nodata (internal helper).
+
+    ``reduce``: None (one band required), "mean" (mean of the bands: grayscale of an RGB
+    image) or "ndvi" (``indexes`` = [nir, red]).
+    """
+    with open_raster(path) as src:
+        crs = _check_crs(src, path)
+        if indexes is None:
+            if src.count != 1 and reduce is None:
+                raise InputError(f"{band.replace('_', ' ')} has {src.count} bands; expected 1", path)
+            indexes = list(range(1, src.count + 1))
+        bad = [i for i in indexes if not 1 <= i <= src.count]
+        if bad:
+            raise InputError(f"band index {bad[0]} out of range (the raster has {src.count} bands)", path)
+        raw = src.read(indexes)
+        stack = raw.astype(np.float32)
+        for i, index in enumerate(indexes):
+            nodata = src.nodatavals[index - 1]
+            stack[i][~valid_mask(raw[i], nodata)] = np.nan
+        if reduce == "ndvi":
+            from .imagery import ndvi_from_bands
+
+            data = ndvi_from_bands(nir=stack[0], red=stack[1])
+        elif len(indexes) > 1:
+            # grayscale of a multiband image: a pixel with one band missing is missing
+            data = stack.mean(axis=0)
+        else:
+            data = stack[0]
+        meta = dict(crs=crs, transform=src.transform, bounds=src.bounds, res=src.res,
+                    width=src.width, height=src.height)
+    return data, meta
+
+
+def align_to_grid(path: str | os.PathLike, grid: Grid, band: str, indexes: list[int] | None = None,
+                  reduce: str | None = None, upsampling: str = "bilinear") -> np.ndarray:
+    """Reproject one input onto ``grid`` (NaN where it has no data or does not cover)."""
+    data, meta = read_source(path, band, indexes, reduce)
+    left, bottom, right, top = transform_bounds(meta["crs"], grid.crs, *meta["bounds"])
+    g_left, g_bottom, g_right, g_top = grid.bounds
+    if left >= g_right or right <= g_left or bottom >= g_top or top <= g_bottom:
+        raise GridError(f"does not overlap the DSM (bounds {tuple(round(v, 3) for v in meta['bounds'])} "
+                        f"in {meta['crs'].to_string()})", path)
+    if not np.isfinite(data).any():
+        raise InputError(f"{band.replace('_', ' ')} has no valid pixel (every value is nodata)", path)
+    resampling = resampling_for(band, _source_resolution_in(meta, grid), grid, upsampling)
+    destination = np.full(grid.shape, np.nan, dtype=np.float32)
+    reproject(
+        data, destination,
+        src_transform=meta["transform"], src_crs=meta["crs"], src_nodata=np.nan,
+        dst_transform=grid.transform, dst_crs=grid.crs, dst_nodata=np.nan,
+        resampling=resampling,
+    )
+    if not np.isfinite(destination).any():
+        raise InputError(f"{band.replace('_', ' ')} has no valid pixel over the DSM", path)
+    log.info("aligned %s from %s (%s)", band, path, resampling.name)
+    return destination
+
 
 def read_grid(path: str | os.PathLike) -> tuple[Grid, np.ndarray]:
     """Read a single-band raster's grid and its data as float32 with NaN for nodata."""
-    with open_raster(path) as src:
-        if src.crs is None:
-            raise InputError("raster has no CRS", path)
-        data = src.read(1).astype(np.float32)
-        valid = valid_mask(src.read(1), src.nodata)
-        data[~valid] = np.nan
-        return Grid(src.crs, src.transform, src.height, src.width), data
-
-
-def align_to_grid(path: str | os.PathLike, grid: Grid, band: str) -> np.ndarray:
-    """Reproject one input onto ``grid`` (NaN where it has no data or does not cover)."""
-    resampling = Resampling[BANDS[band].resampling]
-    with open_raster(path) as src:
-        if src.crs is None:
-            raise InputError("raster has no CRS", path)
-        left, bottom, right, top = transform_bounds(src.crs, grid.crs, *src.bounds)
-        g_left, g_bottom, g_right, g_top = grid.bounds
-        if left >= g_right or right <= g_left or bottom >= g_top or top <= g_bottom:
-            raise GridError(f"does not overlap the DSM (bounds {src.bounds} in {src.crs.to_string()})", path)
-        raw = src.read(1)
-        source = raw.astype(np.float32)
-        source[~valid_mask(raw, src.nodata)] = np.nan
-        destination = np.full(grid.shape, np.nan, dtype=np.float32)
-        reproject(
-            source, destination,
-            src_transform=src.transform, src_crs=src.crs, src_nodata=np.nan,
-            dst_transform=grid.transform, dst_crs=grid.crs, dst_nodata=np.nan,
-            resampling=resampling,
-        )
-    if not np.isfinite(destination).any():
-        raise InputError("has no valid pixel over the DSM", path)
-    return destination
+    grid = target_grid(path)
+    data, _ = read_source(path, "dsm")
+    return grid, data
 
 
 def equalize_image(image: np.ndarray, kernel_size: int | None = None, clip_limit: float = 0.01) -> np.ndarray:
     """Adaptive histogram equalisation (CLAHE) on valid pixels; returns [0, 1] with NaN kept.
 
-    The image is stretched to [0, 1] between its 0.1 and 99.9 percentiles of valid pixels first,
-    because skimage's CLAHE expects that range and a single bright outlier would otherwise
-    compress the whole histogram. Invalid pixels get the median during CLAHE so that they do
-    not distort the tile histograms, and are set back to NaN after.
+    ``kernel_size`` is the CLAHE tile in pixels (default: 1/8 of the image), ``clip_limit``
+    the contrast limit in [0, 1] (higher: more contrast). The image is stretched to [0, 1]
+    between its 0.1 and 99.9 percentiles of valid pixels first, because skimage's CLAHE expects
+    that range and a single bright outlier would otherwise compress the whole histogram.
+    Invalid pixels get the median during CLAHE so that they do not distort the tile
+    histograms, and are set back to NaN after.
     """
+    if not 0 < clip_limit <= 1:
+        raise ValueError(f"clip limit must be in (0, 1], got {clip_limit}")
     valid = np.isfinite(image)
     if not valid.any():
         return image
     lo, hi = np.percentile(image[valid], [0.1, 99.9])
     stretched = np.clip((image - lo) / max(hi - lo, 1e-9), 0, 1)
     stretched[~valid] = np.median(stretched[valid])
+    if kernel_size is not None:
+        kernel_size = max(2, min(int(kernel_size), *image.shape))
     equalised = exposure.equalize_adapthist(stretched, kernel_size=kernel_size, clip_limit=clip_limit)
     return np.where(valid, equalised, np.nan).astype(np.float32)
+
+
+def _full_crs(path) -> CRS | None:
+    with open_raster(path) as src:
+        return src.crs
+
+
+def vertical_transform(dsm_data: np.ndarray, grid: Grid, dsm_path, truth_path) -> tuple[np.ndarray, dict | None]:
+    """Express the DSM's heights in the truth's vertical reference (see the module docstring).
+
+    Returns the heights and a provenance record (None when nothing was done).
+    """
+    import pyproj
+    from pyproj.transformer import TransformerGroup
+
+    src_crs, dst_crs = _full_crs(dsm_path), _full_crs(truth_path)
+    src_ref, dst_ref = vertical_reference(src_crs), vertical_reference(dst_crs)
+    if src_ref is None or dst_ref is None:
+        if src_ref != dst_ref:
+            log.warning("vertical reference: DSM %s, truth %s; the undeclared one is assumed to be the same",
+                        src_ref or "undeclared", dst_ref or "undeclared")
+        return dsm_data, {"dsm": src_ref, "truth": dst_ref, "transformed": False}
+    if src_ref == dst_ref:
+        return dsm_data, {"dsm": src_ref, "truth": dst_ref, "transformed": False}
+    source = pyproj.CRS.from_wkt(src_crs.to_wkt())
+    target = pyproj.CRS.from_wkt(dst_crs.to_wkt())
+    if not target.is_compound and len(target.axis_info) != 3:
+        target = target.to_3d()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pyproj warns about missing grids; we report it below
+        group = TransformerGroup(source, target, always_xy=True)
+    if not group.best_available or not group.transformers:
+        missing = sorted({g.short_name for op in group.unavailable_operations for g in op.grids if not g.available})
+        raise InputError(
+            f"vertical references differ: DSM heights are {src_ref}, truth heights are {dst_ref}, and PROJ "
+            f"cannot transform them here (missing grid: {', '.join(missing) or 'no known transformation'}; "
+            "install it with projsync, or convert one of them first)", dsm_path)
+    transformer = group.transformers[0]
+    # Heights transform as z' = a(x, y) + b(x, y)·z (geoid offsets vary slowly, unit changes
+    # scale): evaluate a and b on a coarse lattice of the grid and interpolate them bilinearly.
+    rows = np.linspace(0, grid.height - 1, min(grid.height, 33))
+    cols = np.linspace(0, grid.width - 1, min(grid.width, 33))
+    rr, cc = np.meshgrid(rows, cols, indexing="ij")
+    xs, ys = grid.transform * (cc + 0.5, rr + 0.5)
+    to_source = pyproj.Transformer.from_crs(
+        pyproj.CRS.from_wkt(grid.crs.to_wkt()), pyproj.CRS.from_wkt(horizontal_crs(src_crs).to_wkt()), always_xy=True)
+    sx, sy = to_source.transform(xs, ys)
+    z0 = transformer.transform(sx, sy, np.zeros_like(sx))[2]
+    z1 = transformer.transform(sx, sy, np.full_like(sx, 1000.0))[2]
+    if not (np.isfinite(z0).all() and np.isfinite(z1).all()):
+        raise InputError(f"vertical transformation {src_ref} -> {dst_ref} failed over the DSM", dsm_path)
+    a, b = z0, (z1 - z0) / 1000.0
+    from scipy.interpolate import RegularGridInterpolator
+
+    full_r, full_c = np.mgrid[0 : grid.height, 0 : grid.width]
+    points = np.stack([full_r.ravel(), full_c.ravel()], axis=1).astype(np.float64)
+
+    def field(values):
+        if len(rows) < 2 or len(cols) < 2:
+            return np.full(grid.shape, float(values.mean()))
+        return RegularGridInterpolator((rows, cols), values)(points).reshape(grid.shape)
+
+    converted = (field(a) + field(b) * dsm_data).astype(np.float32)
+    log.info("vertical: DSM %s -> %s (%s)", src_ref, dst_ref, transformer.description)
+    return converted, {"dsm": src_ref, "truth": dst_ref, "transformed": True,
+                       "operation": transformer.description,
+                       "mean_offset_m": float(np.nanmean(converted - dsm_data))}
 
 
 def prepare_scene(
@@ -88,14 +321,32 @@ def prepare_scene(
     truth_dtm: str | os.PathLike | None = None,
     clahe_kernel: int | None = None,
     clahe_clip: float = 0.01,
+    *,
+    crs: str | CRS | None = None,
+    resolution: float | None = None,
+    upsampling: str = "bilinear",
+    ndvi_bands: tuple[int, int] | None = None,
+    image_band: int | None = None,
+    coregister: bool = False,
+    coregister_max_ndvi: float = 0.3,
+    coregister_max_slope: float = 40.0,
+    coregister_max_shift_px: float = 10.0,
+    hls: dict | None = None,
 ) -> Scene:
-    """Align the inputs onto the DSM's grid and write a Scene directory at ``out``.
+    """Align the inputs onto one grid and write a Scene directory at ``out``.
 
-    Nothing is written at ``out`` unless every input is usable.
+    ``crs``/``resolution`` choose a grid other than the DSM's. ``ndvi_bands=(nir, red)``
+    (1-based) computes NDVI from a multiband ``ndvi`` raster (e.g. an IRC orthophoto: (1, 2)).
+    ``image_band`` picks one band of multiband orthos (default: their mean). ``coregister``
+    shifts the DSM, orthos and error map onto the truth (shifts in ``scene.json``; a shift that
+    does not lower the NMAD on stable ground, or exceeds ``coregister_max_shift_px``, is
+    reported but not applied). ``hls``
+    (keyword arguments of :func:`deepdem.imagery.hls_ndvi`, e.g. ``{"start": ..., "end": ...}``)
+    computes NDVI from HLS when no ``ndvi`` is given. Nothing is written at ``out`` unless every
+    input is usable.
     """
-    grid, dsm_data = read_grid(dsm)
-    if not np.isfinite(dsm_data).any():
-        raise InputError("DSM has no valid pixel (every value is nodata)", dsm)
+    if upsampling not in CONTINUOUS_UPSAMPLING:
+        raise ValueError(f"upsampling must be one of {CONTINUOUS_UPSAMPLING}")
     inputs = {"dsm": dsm, "ortho_left": ortho_left, "ortho_right": ortho_right,
               "triangulation_error": triangulation_error, "ndvi": ndvi,
               "truth_dsm": truth, "truth_dtm": truth_dtm}
@@ -103,16 +354,87 @@ def prepare_scene(
     for band, path in inputs.items():
         if not path.exists():
             raise InputError(f"{band.replace('_', ' ')} file not found", path)
+    if coregister and truth is None:
+        raise InputError("--coregister needs a truth DSM (--truth) to co-register to", dsm)
+
+    grid = target_grid(dsm, crs, resolution)
+    with open_raster(dsm) as src:
+        same_grid = horizontal_crs(src.crs) == grid.crs and src.transform == grid.transform and src.shape == grid.shape
+    if same_grid:
+        dsm_data, _ = read_source(dsm, "dsm")
+    else:
+        dsm_data = align_to_grid(dsm, grid, "dsm", upsampling=upsampling)
+    if not np.isfinite(dsm_data).any():
+        raise InputError("DSM has no valid pixel (every value is nodata)", dsm)
+
+    provenance: dict = {
+        "inputs": {band: str(path.resolve()) for band, path in inputs.items()},
+        "grid": {"source": "dsm" if crs is None and resolution is None else "crs/resolution",
+                 "crs": grid.crs.to_string(), "resolution": list(grid.resolution)},
+        "clahe": {"kernel_size": clahe_kernel, "clip_limit": clahe_clip},
+    }
+    if truth is not None:
+        dsm_data, provenance["vertical_reference"] = vertical_transform(dsm_data, grid, dsm, truth)
 
     bands: dict[str, np.ndarray] = {"dsm": dsm_data}
     for band, path in inputs.items():
         if band == "dsm":
             continue
-        log.info("aligning %s (%s)", band, path)
-        bands[band] = align_to_grid(path, grid, band)
+        kwargs: dict = {"upsampling": upsampling}
+        if band in ("ortho_left", "ortho_right"):
+            kwargs.update(indexes=[image_band] if image_band else None, reduce="mean")
+        if band == "ndvi" and ndvi_bands is not None:
+            kwargs.update(indexes=list(ndvi_bands), reduce="ndvi")
+        if band == "ndvi" and ndvi_bands is None:
+            with open_raster(path) as src:
+                if src.count != 1:
+                    raise InputError(f"NDVI raster has {src.count} bands: pass --ndvi-bands NIR,RED "
+                                     "(1-based, e.g. 1,2 for an IRC orthophoto)", path)
+        bands[band] = align_to_grid(path, grid, band, **kwargs)
+    if "ndvi" not in bands and hls:
+        from .imagery import hls_ndvi
+
+        bands["ndvi"], provenance["hls"] = hls_ndvi(grid, **hls)
+        if not np.isfinite(bands["ndvi"]).any():
+            raise InputError("HLS gave no clear observation over the scene (widen the date window)", dsm)
     if "ndvi" in bands:
         ndvi_values = bands["ndvi"]
-        bands["ndvi"] = np.where(np.abs(ndvi_values) <= 1.0, ndvi_values, np.nan)
+        finite = np.isfinite(ndvi_values)
+        inside = finite & (np.abs(np.where(finite, ndvi_values, 0)) <= 1.0)
+        if finite.any() and inside.sum() < 0.5 * finite.sum():
+            raise InputError(f"NDVI values are outside [-1, 1] (range {np.nanmin(ndvi_values):.4g} to "
+                             f"{np.nanmax(ndvi_values):.4g}): scaled NDVI or not an NDVI raster "
+                             "(for a red/NIR image pass --ndvi-bands NIR,RED)", inputs.get("ndvi", dsm))
+        bands["ndvi"] = np.where(inside, ndvi_values, np.nan).astype(np.float32)
+
+    if coregister:
+        from .coregister import apply_shift, coregister_arrays, stable_ground
+
+        stable = stable_ground(bands["truth_dsm"], grid.resolution, bands.get("ndvi"),
+                               max_ndvi=coregister_max_ndvi, max_slope=coregister_max_slope)
+        try:
+            result = coregister_arrays(bands["truth_dsm"], bands["dsm"], grid.transform, grid.crs, stable)
+        except InputError as exc:
+            raise InputError(f"cannot co-register the DSM to the truth: {exc}", dsm) from None
+        record = result.to_json() | {
+            "stable_ground": {"max_ndvi": coregister_max_ndvi, "min_ndvi": 0.0, "max_slope_deg": coregister_max_slope},
+        }
+        shift_px = float(np.hypot(result.shift_x_px, result.shift_y_px))
+        if not result.nmad_after < result.nmad_before or shift_px > coregister_max_shift_px:
+            # Nuth & Kääb can diverge on too little or too flat stable ground; a shift that does
+            # not improve the fit (or is implausibly large) is reported, not applied.
+            record |= {"applied_to": [], "not_applied": f"shift {shift_px:.2f} px, NMAD {result.nmad_before:.3f} -> "
+                       f"{result.nmad_after:.3f} m (limit {coregister_max_shift_px} px, NMAD must decrease)"}
+            log.warning("co-registration NOT applied: %s", record["not_applied"])
+        else:
+            bands["dsm"] = apply_shift(bands["dsm"], grid.transform, grid.crs, result, heights=True)
+            # The orthos and the error map were made with the DSM's geometry: they move with it.
+            for band in ("ortho_left", "ortho_right", "triangulation_error"):
+                bands[band] = apply_shift(bands[band], grid.transform, grid.crs, result)
+            record["applied_to"] = ["dsm", "ortho_left", "ortho_right", "triangulation_error"]
+            log.info("co-registered the DSM to the truth: %s", result.summary())
+        provenance["coregistration"] = record
+
     for band in ("ortho_left", "ortho_right"):
         bands[band] = equalize_image(bands[band], clahe_kernel, clahe_clip)
 
@@ -123,12 +445,31 @@ def prepare_scene(
     if not mask.any():
         raise InputError("no pixel is valid in every input band (check the inputs' nodata and extents)", dsm)
     bands["nodata_mask"] = mask.astype(np.uint8)
-
-    provenance = {
-        "inputs": {band: str(path.resolve()) for band, path in inputs.items()},
-        "clahe": {"kernel_size": clahe_kernel, "clip_limit": clahe_clip},
+    provenance["resampling"] = {
+        "continuous": f"{upsampling} (average where the source is >= 1.5x finer than the grid)",
+        "mask": "nearest",
     }
     return write_scene(out, grid, bands, provenance)
+
+
+def prepare_from_asp_prefix(
+    prefix: str | os.PathLike,
+    out: str | os.PathLike,
+    truth: str | os.PathLike | None = None,
+    truth_dtm: str | os.PathLike | None = None,
+    **overrides,
+) -> Scene:
+    """Prepare a Scene from an ASP run prefix (see :data:`ASP_PATTERNS`).
+
+    ``overrides`` are :func:`prepare_scene` arguments; a file given there (``dsm``,
+    ``ortho_left``, ...) replaces the discovered one, and a required file given there need not
+    exist under the prefix.
+    """
+    given = {k: v for k, v in overrides.items() if v is not None}
+    found = discover_asp_inputs(prefix, required=tuple(b for b in REQUIRED_ASP if b not in given))
+    files = {**found, **{k: v for k, v in given.items() if k in ASP_PATTERNS}}
+    options = {k: v for k, v in given.items() if k not in ASP_PATTERNS}
+    return prepare_scene(out=out, truth=truth, truth_dtm=truth_dtm, **files, **options)
 
 
 def prepare_from_asp_dir(directory: str | os.PathLike, out: str | os.PathLike, with_truth: bool = True) -> Scene:
@@ -136,10 +477,8 @@ def prepare_from_asp_dir(directory: str | os.PathLike, out: str | os.PathLike, w
     from .synth import ASP_FILES
 
     directory = Path(directory)
-    files = {band: directory / name for band, name in ASP_FILES.items()}
-    return prepare_scene(
-        dsm=files["dsm"], ortho_left=files["ortho_left"], ortho_right=files["ortho_right"],
-        triangulation_error=files["triangulation_error"], ndvi=files["ndvi"], out=out,
-        truth=files["truth_dsm"] if with_truth else None,
-        truth_dtm=files["truth_dtm"] if with_truth else None,
+    return prepare_from_asp_prefix(
+        directory / ASP_FILES["dsm"][: -len("-DEM.tif")], out,
+        truth=directory / ASP_FILES["truth_dsm"] if with_truth else None,
+        truth_dtm=directory / ASP_FILES["truth_dtm"] if with_truth else None,
     )

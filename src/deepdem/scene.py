@@ -339,7 +339,10 @@ def write_scene(
             else:
                 valid = np.isfinite(array)
                 data = np.where(valid, array, spec.nodata).astype(np.float32)
-            write_raster(tmp / f"{name}.tif", data, grid.transform, grid.crs, spec.nodata, spec.description)
+            # Tiled, compressed, with internal overviews (averaged for continuous bands, nearest
+            # for masks) so that every band opens quickly in QGIS/GDAL.
+            write_raster(tmp / f"{name}.tif", data, grid.transform, grid.crs, spec.nodata, spec.description,
+                         overviews=True, overview_resampling="nearest" if spec.kind == "mask" else "average")
             manifest_bands[name] = {
                 "file": f"{name}.tif",
                 "kind": spec.kind,
