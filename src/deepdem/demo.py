@@ -1,4 +1,4 @@
-"""The end-to-end demo: synth → prepare → train → refine → evaluate → figure.
+"""The end-to-end demo: synth → prepare → train → refine → evaluate → report and figure.
 
 A training scene and a held-out scene (another seed, so other terrain, buildings and trees)
 are generated, prepared into Scenes, a model is trained within a CPU budget, and the held-out
@@ -14,13 +14,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from .evaluate import Evaluation, evaluate
 from .prepare import prepare_from_asp_dir
-from .products import hillshade
 from .refine import refine
-from .scene import Scene
+from .report import demo_figure
 from .synth import synth_scene
 from .train import train
 
@@ -34,6 +31,7 @@ class DemoResult:
     refined: Path
     checkpoint: Path
     seconds: float
+    report: Path | None = None  # the held-out scene's evaluation report directory
 
 
 def run_demo(
@@ -70,50 +68,14 @@ def run_demo(
     refined = refine(result.checkpoint, heldout_scene, out / "heldout_refined.tif", progress=progress)
     step("evaluating against the held-out truth")
     evaluation = evaluate(refined, heldout_scene.band_path("truth_dsm"), initial=heldout_scene.band_path("dsm"),
-                          json_path=out / "heldout_metrics.json")
-    print(evaluation.table(), flush=True)
+                          json_path=out / "heldout_metrics.json", scene=heldout_scene, report=out / "report")
+    print(evaluation.table(["refined", "initial"]), flush=True)
+    print(flush=True)
+    print(evaluation.main_table(), flush=True)
+    step(f"report (tables, metrics by stratum and slope, figures) written to {out / 'report' / 'report.md'}")
     figure = demo_figure(heldout_scene, refined, out / "demo.png")
     step(f"figure written to {figure}")
     seconds = time.time() - started
     (out / "demo.json").write_text(json.dumps({**evaluation.to_json(), "seconds": round(seconds, 1)}, indent=2))
-    return DemoResult(evaluation, figure, refined, result.checkpoint, seconds)
+    return DemoResult(evaluation, figure, refined, result.checkpoint, seconds, out / "report")
 
-
-def demo_figure(scene: Scene, refined_path: str | Path, out: str | Path, truth_band: str = "truth_dsm") -> Path:
-    """The seed-style panel: the two orthos, initial DSM and mask, refined and truth as
-    hillshades, and the error maps of the initial and refined DSM (diverging, centred on 0)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import rasterio
-
-    res = scene.grid.resolution
-    with rasterio.open(refined_path) as src:
-        refined = src.read(1, masked=True).filled(np.nan).astype(np.float64)
-    dsm, truth = scene.read("dsm"), scene.read(truth_band)
-    mask = scene.read("nodata_mask")
-    err_initial, err_refined = dsm - truth, refined - truth
-    limit = float(np.nanpercentile(np.abs(err_initial), 95)) if np.isfinite(err_initial).any() else 1.0
-
-    fig, axes = plt.subplots(2, 4, figsize=(20, 10), constrained_layout=True)
-    panels = [
-        (scene.read("ortho_left"), "left ortho (equalised)", dict(cmap="gray", vmin=0, vmax=1)),
-        (scene.read("ortho_right"), "right ortho (equalised)", dict(cmap="gray", vmin=0, vmax=1)),
-        (hillshade(dsm, res), "initial DSM (hillshade)", dict(cmap="gray", vmin=0, vmax=1)),
-        (mask, "valid-pixel mask", dict(cmap="gray", vmin=0, vmax=1)),
-        (hillshade(refined, res), "refined DSM (hillshade)", dict(cmap="gray", vmin=0, vmax=1)),
-        (hillshade(truth, res), "truth (hillshade)", dict(cmap="gray", vmin=0, vmax=1)),
-        (err_initial, "initial − truth (m)", dict(cmap="RdBu_r", vmin=-limit, vmax=limit)),
-        (err_refined, "refined − truth (m)", dict(cmap="RdBu_r", vmin=-limit, vmax=limit)),
-    ]
-    for ax, (image, title, style) in zip(axes.ravel(), panels):
-        handle = ax.imshow(image, interpolation="nearest", **style)
-        ax.set_title(title)
-        ax.set_axis_off()
-        if "m)" in title:
-            fig.colorbar(handle, ax=ax, shrink=0.7)
-    out = Path(out)
-    fig.savefig(out, dpi=80)
-    plt.close(fig)
-    return out
