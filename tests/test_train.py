@@ -179,3 +179,15 @@ def test_two_process_ddp_on_cpu_completes(prepared_scene, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "world_size=2" in done.stderr or "distributed_backend=gloo" in done.stderr or (tmp_path / "ddp" / "best.ckpt").exists()
     assert load_checkpoint(tmp_path / "ddp" / "best.ckpt").model_kwargs["chip_size"] == 64
+
+
+def test_rotated_chips_from_transposed_twins_equal_numpy_rotations(prepared_scene):
+    arrays = SceneArrays(prepared_scene, ["dsm", "ortho_left"], "dsm", 64)
+    plain = arrays.chip(10, 20, 64)
+    for k in range(4):
+        for flip in (False, True):
+            got = arrays.chip(10, 20, 64, k, flip)
+            for band, values in plain.items():
+                expected = np.rot90(values, k)
+                expected = expected[:, ::-1] if flip else expected
+                np.testing.assert_array_equal(got[band], expected)

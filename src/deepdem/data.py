@@ -36,28 +36,42 @@ class NormalisedChip:
     valid: np.ndarray  # (H, W) bool, pixels valid in every input band
 
 
+def normalise_into(
+    stack: dict[str, np.ndarray], bands: Sequence[str], scale: float, fallback_mean: float,
+    inputs: np.ndarray, base: np.ndarray,
+) -> np.ndarray:
+    """Write the network's input channels into ``inputs`` (C, H, W) and the base into ``base``.
+
+    Works on views (flipped/rotated memory-map slices) and writes each output value once, so a
+    batch is assembled without intermediate copies. Returns the valid-pixel mask.
+    """
+    dsm = stack["dsm"]
+    dsm_valid = ~np.isnan(dsm)  # NaN is the only no-data value in a Scene array
+    count = int(np.count_nonzero(dsm_valid))
+    mean = float(np.sum(dsm, where=dsm_valid, dtype=np.float64) / count) if count else fallback_mean
+    for channel, band in zip(inputs, bands):
+        if band == "dsm":
+            np.subtract(dsm, mean, out=channel)
+            channel *= 1.0 / scale
+            np.copyto(channel, 0.0, where=~dsm_valid)
+        else:
+            np.copyto(channel, stack[band])
+            if band != "nodata_mask":
+                np.copyto(channel, BANDS[band].fill, where=np.isnan(channel))
+    np.copyto(base, dsm)
+    np.copyto(base, mean, where=~dsm_valid)
+    return dsm_valid & (stack["nodata_mask"] > 0) if "nodata_mask" in stack else dsm_valid
+
+
 def normalise_chip(
     stack: dict[str, np.ndarray], bands: Sequence[str], scale: float, fallback_mean: float = 0.0
 ) -> NormalisedChip:
     """Turn a chip of Scene bands (NaN = no data) into the network's input channels."""
-    dsm = stack["dsm"]
-    dsm_valid = np.isfinite(dsm)
-    mean = float(dsm[dsm_valid].mean()) if dsm_valid.any() else fallback_mean
-    channels = []
-    for band in bands:
-        if band == "dsm":
-            channels.append(np.where(dsm_valid, (dsm - mean) / scale, 0.0))
-        elif band == "nodata_mask":
-            channels.append(stack["nodata_mask"])
-        else:
-            values = stack[band]
-            channels.append(np.where(np.isfinite(values), values, BANDS[band].fill))
-    valid = stack["nodata_mask"] > 0 if "nodata_mask" in stack else dsm_valid
-    return NormalisedChip(
-        inputs=np.stack(channels).astype(np.float32),
-        base=np.where(dsm_valid, dsm, mean).astype(np.float32),
-        valid=valid & dsm_valid,
-    )
+    height, width = stack["dsm"].shape
+    inputs = np.empty((len(bands), height, width), dtype=np.float32)
+    base = np.empty((height, width), dtype=np.float32)
+    valid = normalise_into(stack, bands, scale, fallback_mean, inputs, base)
+    return NormalisedChip(inputs=inputs, base=base, valid=valid)
 
 
 @dataclass(frozen=True)
@@ -140,14 +154,27 @@ class SceneArrays:
         if missing:
             raise InputError(f"scene lacks band(s) {', '.join(missing)} (it has: {', '.join(scene.bands)})", scene.path)
         self.arrays = {band: band_memmap(scene, band, cache_dir) for band in needed}
+        # Transposed twins make 90° rotations contiguous reads: copying a rotated view of a
+        # 256-px chip costs ~25x a straight copy, and would dominate the data pipeline.
+        self._transposed = {band: band_memmap(scene, band, cache_dir, transposed=True) for band in needed}
         self.scale = scale if scale is not None else scene.scale_factor(chip_size)
         self.fallback_mean = float(scene.statistics("dsm").get("median", 0.0))
 
-    def chip(self, row: int, col: int, size: int) -> dict[str, np.ndarray]:
-        return {band: np.asarray(array[row : row + size, col : col + size]) for band, array in self.arrays.items()}
+    def chip(self, row: int, col: int, size: int, k: int = 0, flip: bool = False) -> dict[str, np.ndarray]:
+        """Views of a chip, rotated by ``k``·90° (as ``np.rot90``) and then mirrored if ``flip``."""
+        if k % 2:
+            views = {band: a[col : col + size, row : row + size] for band, a in self._transposed.items()}
+            views = {band: (v[::-1, :] if k % 4 == 1 else v[:, ::-1]) for band, v in views.items()}
+        else:
+            views = {band: a[row : row + size, col : col + size] for band, a in self.arrays.items()}
+            if k % 4 == 2:
+                views = {band: v[::-1, ::-1] for band, v in views.items()}
+        if flip:
+            views = {band: v[:, ::-1] for band, v in views.items()}
+        return {band: np.asarray(v) for band, v in views.items()}
 
 
-def band_memmap(scene: Scene, band: str, cache_dir: str | os.PathLike | None = None) -> np.ndarray:
+def band_memmap(scene: Scene, band: str, cache_dir: str | os.PathLike | None = None, transposed: bool = False) -> np.ndarray:
     """A read-only memory map of one band as float32 (NaN = no data), decoded once and cached.
 
     The cache file is keyed by the band file's size and modification time, so a re-prepared
@@ -155,17 +182,19 @@ def band_memmap(scene: Scene, band: str, cache_dir: str | os.PathLike | None = N
     """
     source = scene.band_path(band)
     stat = source.stat()
-    key = f"{band}-{stat.st_size}-{int(stat.st_mtime_ns)}.npy"
+    key = f"{band}{'-T' if transposed else ''}-{stat.st_size}-{int(stat.st_mtime_ns)}.npy"
     directories = [Path(cache_dir)] if cache_dir else [scene.path / ".cache", Path(tempfile.gettempdir()) / "deepdem-cache" / scene.path.resolve().as_posix().strip("/").replace("/", "_")]
     for directory in directories:
         cached = directory / key
         if cached.exists():
             return np.load(cached, mmap_mode="r")
     data = scene.read(band)
+    if transposed:
+        data = np.ascontiguousarray(data.T)
     for directory in directories:
         try:
             directory.mkdir(parents=True, exist_ok=True)
-            for stale in directory.glob(f"{band}-*.npy"):
+            for stale in directory.glob(f"{band}{'-T' if transposed else ''}-[0-9]*.npy"):
                 stale.unlink(missing_ok=True)
             with atomic_path(directory / key) as tmp:
                 with open(tmp, "wb") as handle:
@@ -176,17 +205,11 @@ def band_memmap(scene: Scene, band: str, cache_dir: str | os.PathLike | None = N
     return data
 
 
-def _augment(arrays: list[np.ndarray], rng: np.random.Generator) -> list[np.ndarray]:
-    """The same random flip and 90° rotation applied to every array (last two axes)."""
-    k = int(rng.integers(4))
-    flip = bool(rng.integers(2))
-    out = []
-    for a in arrays:
-        a = np.rot90(a, k, axes=(-2, -1))
-        if flip:
-            a = a[..., ::-1]
-        out.append(np.ascontiguousarray(a))
-    return out
+def collate_chips(data):
+    """Collate for :class:`ChipDataset`: batches arrive already stacked from ``__getitems__``."""
+    if isinstance(data, dict):
+        return data
+    return torch.utils.data.default_collate(data)
 
 
 class ChipDataset(Dataset):
@@ -238,37 +261,46 @@ class ChipDataset(Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+    def _draw(self, index: int) -> tuple[int, int, int, int, bool, bool]:
+        """Scene, row, col, rotation, mirror and image swap of chip ``index`` (deterministic)."""
         size = self.chip_size
         if self.mode == "val":
             scene_index, row, col = self.positions[index]
-            rng = None
-        else:
-            rng = np.random.default_rng((self.seed, self.epoch, index))
-            scene_index = int(rng.choice(len(self.scenes), p=self.scene_weights))
-            region = self.regions[scene_index]
-            row = region.row0 + int(rng.integers(region.height - size + 1))
-            col = region.col0 + int(rng.integers(region.width - size + 1))
-        data = self.scenes[scene_index]
-        stack = data.chip(row, col, size)
-        chip = normalise_chip(stack, self.bands, data.scale, data.fallback_mean)
-        target = np.stack([stack[band] for band in data.target_bands])
-        valid = chip.valid[None] & np.isfinite(target)
-        inputs = chip.inputs
-        swap = rng is not None and bool(rng.integers(2))  # drawn always: same chips with swapping off
-        if swap and self.swap_channels is not None:
-            # Left and right play the same role: swapping them is a free, physically valid sample.
-            left, right = self.swap_channels
-            inputs = inputs.copy()
-            inputs[[left, right]] = inputs[[right, left]]
-        arrays = [inputs, chip.base[None], np.nan_to_num(target, nan=0.0), valid]
-        if rng is not None:
-            arrays = _augment(arrays, rng)
-        inputs, base, target, valid = arrays
-        return {
-            "inputs": torch.from_numpy(inputs),
-            "base": torch.from_numpy(base),
-            "scale": torch.full((1, 1, 1), float(data.scale)),
-            "target": torch.from_numpy(target.astype(np.float32)),
-            "valid": torch.from_numpy(valid),
-        }
+            return scene_index, row, col, 0, False, False
+        rng = np.random.default_rng((self.seed, self.epoch, index))
+        scene_index = int(rng.choice(len(self.scenes), p=self.scene_weights))
+        region = self.regions[scene_index]
+        row = region.row0 + int(rng.integers(region.height - size + 1))
+        col = region.col0 + int(rng.integers(region.width - size + 1))
+        swap = bool(rng.integers(2))  # drawn always: the same chips whether swapping is on or off
+        return scene_index, row, col, int(rng.integers(4)), bool(rng.integers(2)), swap
+
+    def __getitems__(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        """A whole batch, written straight into its tensors (use with :func:`collate_chips`)."""
+        n, size = len(indices), self.chip_size
+        n_targets = len(self.scenes[0].target_bands)
+        inputs = np.empty((n, len(self.bands), size, size), dtype=np.float32)
+        base = np.empty((n, 1, size, size), dtype=np.float32)
+        target = np.empty((n, n_targets, size, size), dtype=np.float32)
+        valid = np.empty((n, n_targets, size, size), dtype=bool)
+        scale = np.empty((n, 1, 1, 1), dtype=np.float32)
+        bands = list(self.bands)
+        for slot, index in enumerate(indices):
+            scene_index, row, col, k, flip, swap = self._draw(index)
+            data = self.scenes[scene_index]
+            stack = data.chip(row, col, size, k, flip)
+            if swap and self.swap_channels is not None:
+                # Left and right play the same role: swapping them is a free, physically valid sample.
+                stack["ortho_left"], stack["ortho_right"] = stack["ortho_right"], stack["ortho_left"]
+            chip_valid = normalise_into(stack, bands, data.scale, data.fallback_mean, inputs[slot], base[slot, 0])
+            for t, band in enumerate(data.target_bands):
+                np.copyto(target[slot, t], stack[band])
+                missing = np.isnan(target[slot, t])
+                np.logical_and(chip_valid, ~missing, out=valid[slot, t])
+                np.copyto(target[slot, t], 0.0, where=missing)
+            scale[slot] = data.scale
+        return {"inputs": torch.from_numpy(inputs), "base": torch.from_numpy(base), "scale": torch.from_numpy(scale),
+                "target": torch.from_numpy(target), "valid": torch.from_numpy(valid)}
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {key: value[0] for key, value in self.__getitems__([index]).items()}

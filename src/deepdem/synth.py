@@ -213,9 +213,17 @@ def _stamp_trees(rng, terrain, cover, config, res):
     return canopy
 
 
-def generate(config: SynthConfig | None = None) -> SynthScene:
-    """Generate a scene in memory (see the module docstring for what it models)."""
+def generate(config: SynthConfig | None = None, terrain: np.ndarray | None = None) -> SynthScene:
+    """Generate a scene in memory (see the module docstring for what it models).
+
+    ``terrain`` (``size`` × ``size`` heights in metres, e.g. a real DEM resampled to the scene's
+    resolution) replaces the fractal terrain; everything else is generated on top of it.
+    """
     config = config or SynthConfig()
+    if terrain is not None and terrain.shape != (config.size, config.size):
+        raise InputError(f"terrain of shape {terrain.shape} does not match a {config.size} px scene")
+    if terrain is not None and not np.isfinite(terrain).all():
+        raise InputError("terrain has no-data pixels: fill them before generating a scene on it")
     if config.size < 32:
         raise InputError(f"--size {config.size} is too small: a scene needs at least 32 px")
     if config.resolution <= 0:
@@ -227,8 +235,11 @@ def generate(config: SynthConfig | None = None) -> SynthScene:
     rows, cols = np.mgrid[0:h, 0:w].astype(np.float64)
 
     # Terrain: fractal relief on a gentle regional tilt, scaled in metres.
-    terrain = 200.0 + config.relief / 4 * fractal_surface(rng, shape, beta=3.2)
-    terrain += rng.uniform(-0.02, 0.02) * cols * res + rng.uniform(-0.02, 0.02) * rows * res
+    if terrain is None:
+        terrain = 200.0 + config.relief / 4 * fractal_surface(rng, shape, beta=3.2)
+        terrain += rng.uniform(-0.02, 0.02) * cols * res + rng.uniform(-0.02, 0.02) * rows * res
+    else:
+        terrain = np.asarray(terrain, dtype=np.float64).copy()
     cover = np.full(shape, GRASS, dtype=np.uint8)
     cover[fractal_surface(rng, shape, beta=2.0) > 0.6] = BARE
 
@@ -370,14 +381,23 @@ def synth_scene(
     size: int = 512,
     resolution: float = 1.0,
     config: SynthConfig | None = None,
+    terrain: np.ndarray | None = None,
+    crs: str | None = None,
+    origin: tuple[float, float] | None = None,
 ) -> dict[str, Path]:
     """Generate a scene and write it as ASP-named rasters plus truth into ``out``.
 
     Returns the written paths by band name (``dsm``, ``ortho_left``, …, ``truth_dtm``). The
     NDVI is written at twice the pixel size, as a coarser multispectral product would be.
+    ``terrain`` (see :func:`generate`), ``crs`` and ``origin`` (upper-left x, y) place the scene
+    on real ground.
     """
     config = config or SynthConfig(size=size, resolution=resolution, seed=seed)
-    scene = generate(config)
+    scene = generate(config, terrain)
+    if crs is not None:
+        scene.crs = CRS.from_user_input(crs)
+    if origin is not None:
+        scene.transform = from_origin(origin[0], origin[1], config.resolution, config.resolution)
     t, crs = scene.transform, scene.crs
     ndvi_coarse = scene.ndvi.reshape(config.size // 2, 2, config.size // 2, 2).mean(axis=(1, 3)) if config.size % 2 == 0 else scene.ndvi
     ndvi_transform = t @ t.scale(2, 2) if config.size % 2 == 0 else t

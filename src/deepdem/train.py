@@ -27,7 +27,7 @@ from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from torch.utils.data import DataLoader
 
-from .data import ChipDataset, SceneArrays, largest_fitting_chip, spatial_split
+from .data import ChipDataset, SceneArrays, collate_chips, largest_fitting_chip, spatial_split
 from .errors import InputError
 from .models import DEFAULT_BANDS, TARGETS, DeepDEMRegressionTask, load_checkpoint, save_checkpoint
 from .scene import Scene
@@ -191,21 +191,22 @@ def _check_scenes(scenes: Sequence[Scene], bands: Sequence[str], target_bands: S
 
 
 def train(scenes: Sequence[str | os.PathLike | Scene] | None = None, out: str | os.PathLike | None = None,
-          config: TrainConfig | None = None, **kwargs: Any) -> TrainResult:
+          config: TrainConfig | None = None, callbacks: Sequence[Callback] = (), **kwargs: Any) -> TrainResult:
     """Train a DeepDEM model on scenes and save ``out/best.ckpt`` (weights + metadata).
 
     Parameters are those of :class:`TrainConfig`, given as a config or as keywords, e.g.
-    ``train(["scenes/a"], "runs/a", chip_size=128, max_minutes=5)``.
+    ``train(["scenes/a"], "runs/a", chip_size=128, max_minutes=5)``; ``callbacks`` are extra
+    Lightning callbacks.
     """
     config = dataclasses.replace(config or TrainConfig(), **kwargs)
     if scenes is not None:
         config.scenes = [s if isinstance(s, Scene) else str(s) for s in scenes]
     if out is not None:
         config.out = str(out)
-    return _train(config)
+    return _train(config, list(callbacks))
 
 
-def _train(config: TrainConfig) -> TrainResult:
+def _train(config: TrainConfig, extra_callbacks: list[Callback]) -> TrainResult:
     if config.target not in TARGETS:
         raise InputError(f"target must be one of {', '.join(TARGETS)}, got {config.target!r}")
     opened = [s if isinstance(s, Scene) else Scene.open(s) for s in config.scenes]
@@ -285,6 +286,7 @@ def _train(config: TrainConfig) -> TrainResult:
         checkpointing,
         EarlyStopping(monitor="val_mae", patience=config.early_stopping_patience, min_delta=0.005, mode="min"),
         _EpochSeeder(),
+        *extra_callbacks,
     ]
     if not progress:
         callbacks.append(_EpochPrinter())
@@ -303,7 +305,7 @@ def _train(config: TrainConfig) -> TrainResult:
         log_every_n_steps=10,
         num_sanity_val_steps=0,
     )
-    loader_args = dict(batch_size=config.batch_size, num_workers=config.num_workers,
+    loader_args = dict(batch_size=config.batch_size, num_workers=config.num_workers, collate_fn=collate_chips,
                        persistent_workers=False, pin_memory=torch.cuda.is_available())
     started = time.time()
     trainer.fit(
