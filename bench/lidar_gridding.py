@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
-import re
 import statistics
 import sys
 import time
@@ -27,6 +25,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).parent))
 DATA = Path(os.environ.get("DEEPDEM_DATA", REPO / ".." / "shared" / "data"))
 SECTION = "## LIDAR gridding"
 COMMAND = "python bench/lidar_gridding.py --runs 5"
@@ -114,39 +113,27 @@ def main(argv=None) -> int:
 
 
 def write_section(rows, runs) -> None:
-    import numpy
     import laspy
 
+    from _report import update_benchmarks
+
     lines = [
-        SECTION, "",
-        f"Command: `{COMMAND}` (data from `$DEEPDEM_DATA`, default `../shared/data`).",
-        f"Medians of {runs} runs, one thread. Machine: {platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} cores; Python {platform.python_version()}, numpy {numpy.__version__}, "
-        f"laspy {laspy.__version__}.",
+        f"Medians of {runs} runs, one thread; numpy {np.__version__}, laspy {laspy.__version__}. "
+        "Data from `$DEEPDEM_DATA` (default `../shared/data`).",
         "",
         "| case | points | cells | binning (M pts/s) | sort + reduceat (M pts/s) | "
         "end-to-end incl. LAZ decode (M pts/s) |",
         "|---|---:|---:|---:|---:|---:|",
     ]
-    for name, n, cells, b, s, e in rows:
-        lines.append(f"| {name} | {n:,} | {cells:,} | {b / 1e6:.1f} | {s / 1e6:.1f} | {e / 1e6:.2f} |")
+    for name, n, cells, b, s_, e in rows:
+        lines.append(f"| {name} | {n:,} | {cells:,} | {b / 1e6:.1f} | {s_ / 1e6:.1f} | {e / 1e6:.2f} |")
     lines += [
         "",
         "Binning = cell index + highest first return (`np.maximum.at`) + density (`np.bincount`) "
         "+ ground sums (`np.bincount` with weights). End-to-end = `grid_lidar` on the LAZ files "
         "(decode, noise filter, binning, TIN DTM), rasters kept in memory.",
-        "",
     ]
-    path = REPO / "BENCHMARKS.md"
-    text = path.read_text() if path.exists() else "# Benchmarks\n\n"
-    block = "\n".join(lines)
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: block + "\n", text)
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    path.write_text(text)
-    print(f"updated {path}")
+    update_benchmarks(SECTION.removeprefix("## "), COMMAND, lines)
 
 
 if __name__ == "__main__":

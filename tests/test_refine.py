@@ -87,3 +87,256 @@ def test_checkpoint_with_a_pickle_payload_is_refused_without_running(tmp_path, m
     with pytest.raises(CheckpointError, match="evil.ckpt: not a loadable deepdem checkpoint"):
         load_checkpoint(tmp_path / "evil.ckpt")
     assert not (tmp_path / "pwned_marker").exists()
+
+
+# -- scene-scale refinement: streaming, seams, COG, resume, TTA, Dask ----------------------------
+
+from pathlib import Path  # noqa: E402
+
+from rasterio.transform import Affine  # noqa: E402
+
+import deepdem.refine as refine_module  # noqa: E402
+from deepdem.data import normalise_chip  # noqa: E402
+from deepdem.scene import Scene  # noqa: E402
+
+
+def random_task(seed=0, chip_size=64, **extra):
+    torch.manual_seed(seed)
+    kwargs = {"bands": BANDS, "chip_size": chip_size, "GSF_DICT": {"64": 2.0}, **extra}
+    return DeepDEMRegressionTask(kwargs).eval()
+
+
+def smooth_scene(path, height, width, seed=0, holes=True):
+    """A cheap multi-block scene: smooth relief plus noise, and a few nodata holes."""
+    rng = np.random.default_rng(seed)
+    rows, cols = np.mgrid[0:height, 0:width].astype(np.float32)
+    dsm = 100 + 10 * np.sin(rows / 37.0) * np.cos(cols / 23.0) + rng.normal(0, 0.5, (height, width))
+    bands = {
+        "dsm": dsm.astype(np.float32),
+        "ortho_left": rng.uniform(0, 1, (height, width)).astype(np.float32),
+        "ortho_right": rng.uniform(0, 1, (height, width)).astype(np.float32),
+        "triangulation_error": rng.uniform(0, 2, (height, width)).astype(np.float32),
+        "ndvi": rng.uniform(-1, 1, (height, width)).astype(np.float32),
+    }
+    if holes:
+        bands["dsm"][40:70, 300:340] = np.nan
+        bands["ndvi"][500:520, 10:30] = np.nan
+    grid = Grid(CRS.from_epsg(32610), from_origin(500000, 5200000, 0.5, 0.5), height, width)
+    return write_scene(path, grid, bands, n_chips=500)
+
+
+def reference_refine(task, scene, overlap=0.25):
+    """The whole scene in memory, chip by chip through ``normalise_chip`` (the seed's scheme)."""
+    chip = task.model_kwargs["chip_size"]
+    scale = scene.scale_factor(chip)
+    arrays = scene.read_stack(BANDS)
+    h, w = scene.shape
+    stride = int(round(chip * (1 - overlap)))
+    weights = blend_window(chip, overlap=overlap)
+    res_sum, w_sum = np.zeros((h, w)), np.zeros((h, w))
+    for r in grid_positions(h, chip, stride):
+        for c in grid_positions(w, chip, stride):
+            norm = normalise_chip({b: a[r : r + chip, c : c + chip] for b, a in arrays.items()}, BANDS, scale)
+            with torch.inference_mode():
+                res = task(torch.from_numpy(norm.inputs[None]))[0, 0].numpy() * scale
+            res_sum[r : r + chip, c : c + chip] += weights * res
+            w_sum[r : r + chip, c : c + chip] += weights
+    out = arrays["dsm"] + res_sum / w_sum
+    return np.where(arrays["nodata_mask"] > 0, out, FLOAT_NODATA)
+
+
+@pytest.fixture(scope="module")
+def multi_block_scene(tmp_path_factory):
+    return smooth_scene(tmp_path_factory.mktemp("mb") / "scene", 600, 530)
+
+
+def test_streaming_blocks_equal_the_whole_scene_in_memory(multi_block_scene, tmp_path):
+    task = random_task()
+    out = refine(task, multi_block_scene, tmp_path / "r.tif", block_size=256, bf16=False, progress=False)
+    data, _ = read(out)
+    expected = reference_refine(task, multi_block_scene)
+    assert len(refine_module.plan_blocks(multi_block_scene.shape, 256)) == 9
+    np.testing.assert_allclose(data, expected, atol=2e-4)
+
+
+def test_output_is_a_cloud_optimised_geotiff_on_the_scene_grid(multi_block_scene, tmp_path):
+    out = refine(zero_residual_task(), multi_block_scene, tmp_path / "cog.tif", block_size=256, progress=False)
+    with rasterio.open(out) as src:
+        assert src.tags(ns="IMAGE_STRUCTURE").get("LAYOUT") == "COG"
+        assert src.profile["tiled"] and src.compression is not None
+        assert src.overviews(1) == [2]
+        assert src.descriptions == ("refined DSM (m)",)
+        assert (src.crs, src.transform, src.shape) == (multi_block_scene.crs, multi_block_scene.transform, (600, 530))
+        assert src.nodata == FLOAT_NODATA and src.dtypes == ("float32",)
+        data = src.read(1)
+    mask = multi_block_scene.read("nodata_mask") > 0
+    assert (data[~mask] == FLOAT_NODATA).all() and (~mask).sum() == 30 * 40 + 20 * 20
+    np.testing.assert_array_equal(data[mask], multi_block_scene.read("dsm")[mask])
+    assert not list(tmp_path.glob(".*"))  # no work file or journal left behind
+
+
+def test_block_chips_are_normalised_like_normalise_chip(multi_block_scene):
+    """The per-block shortcut (one normalise_chip call per halo, then a per-chip DSM shift)."""
+    chip, scale = 64, multi_block_scene.scale_factor(64)
+    settings = refine_module.RefineSettings(bands=tuple(BANDS), chip=chip, stride=48, overlap=0.25, scale=scale,
+                                            fallback_mean=0.0, block_size=256, batch_size=4, bf16=False)
+    refiner = refine_module.BlockRefiner(random_task(), multi_block_scene, settings)
+    seen = []
+    refiner._forward = lambda inputs: (seen.append(inputs.copy()), np.zeros((len(inputs), 1, chip, chip), np.float32))[1]
+    block = refine_module.plan_blocks(multi_block_scene.shape, 256)[1]  # rows 0-256, cols 256-512: has a hole
+    refiner.refine_block(block)
+    arrays = multi_block_scene.read_stack(BANDS)
+    rows = refine_module._chip_starts(600, chip, 48, block.row0, block.row1)
+    cols = refine_module._chip_starts(530, chip, 48, block.col0, block.col1)
+    chips = np.concatenate(seen)
+    assert len(chips) == len(rows) * len(cols) == 6 * 6
+    for i, (r, c) in enumerate((r, c) for r in rows for c in cols):
+        expected = normalise_chip({b: a[r : r + chip, c : c + chip] for b, a in arrays.items()}, BANDS, scale).inputs
+        np.testing.assert_allclose(chips[i], expected, atol=2e-5)
+
+
+class _Blur(torch.nn.Module):
+    """A denoiser with zero padding: residual = blur(dsm channel) − dsm channel.
+
+    Its error grows near chip edges (the padding pulls the blur towards the chip mean): the
+    edge effect of a convolutional network that blending has to hide.
+    """
+
+    def __init__(self, sigma=1.0, radius=3):
+        super().__init__()
+        x = torch.arange(-radius, radius + 1, dtype=torch.float32)
+        g = torch.exp(-0.5 * (x / sigma) ** 2)
+        kernel = torch.outer(g, g) / torch.outer(g, g).sum()
+        self.conv = torch.nn.Conv2d(1, 1, 2 * radius + 1, padding=radius, bias=False)
+        self.conv.weight.data[:] = kernel
+
+    def forward(self, x):
+        dsm = x[:, :1]
+        return self.conv(dsm) - dsm
+
+
+def _near_chip_edges(length, chip, stride, width=4):
+    idx, dist = np.arange(length), np.full(length, 10**9)
+    for p in grid_positions(length, chip, stride):
+        for edge in (p, p + chip):
+            if 0 < edge < length:  # chip edges inside the scene; the scene's own edges are no seam
+                dist = np.minimum(dist, np.minimum(abs(idx - edge), abs(idx - (edge - 1))))
+    return dist < width
+
+
+def seam_ratio(task, scene, tmp_path, overlap, width=4):
+    """Error within ``width`` px of chip edges ÷ error at the same pixels when they are chip interiors.
+
+    The scene is refined twice: as it is, and shifted by half a stride (a cropped copy), which
+    puts the first run's chip edges in the second run's chip interiors. Comparing the same
+    pixels removes the scene's content from the ratio; only the chip layout differs.
+    """
+    chip = task.model_kwargs["chip_size"]
+    stride = int(round(chip * (1 - overlap)))
+    off = stride // 2
+    arrays = {b: scene.read(b)[off:, off:] for b in scene.bands if b != "nodata_mask"}
+    h, w = arrays["dsm"].shape
+    shifted = write_scene(tmp_path / f"shifted{overlap}", Grid(scene.crs, scene.transform * Affine.translation(off, off), h, w),
+                          arrays, n_chips=200)
+    errors = []
+    for name, sc, truth in (("a", scene, scene.read("truth_dsm")[off:, off:]), ("b", shifted, arrays["truth_dsm"])):
+        data, _ = read(refine(task, sc, tmp_path / f"{name}{overlap}.tif", overlap=overlap, bf16=False, progress=False))
+        data = np.where(data == FLOAT_NODATA, np.nan, data)
+        errors.append(np.abs((data[off:, off:] if name == "a" else data) - truth))
+    near_a = _near_chip_edges(scene.shape[0], chip, stride, width)[off:, None] | _near_chip_edges(scene.shape[1], chip, stride, width)[None, off:]
+    near_b = _near_chip_edges(h, chip, stride, width)[:, None] | _near_chip_edges(w, chip, stride, width)[None, :]
+    inside = np.zeros((h, w), bool)
+    inside[2 * width : -2 * width, 2 * width : -2 * width] = True
+    pixels = near_a & ~near_b & inside & np.isfinite(errors[0]) & np.isfinite(errors[1])
+    assert pixels.sum() > 1000
+    return float(errors[0][pixels].mean() / errors[1][pixels].mean())
+
+
+def test_no_seams_error_at_chip_edges_matches_the_interior(prepared_scene, tmp_path):
+    task = DeepDEMRegressionTask({"bands": BANDS, "chip_size": 64, "scale_source": "checkpoint", "GSF_DICT": {"64": 1.0}})
+    task.model = _Blur()
+    task.eval()
+    assert seam_ratio(task, prepared_scene, tmp_path, overlap=0.25) <= 1.02
+    assert seam_ratio(task, prepared_scene, tmp_path, overlap=0.5) <= 1.02
+    assert seam_ratio(task, prepared_scene, tmp_path, overlap=0.0) > 1.05  # unblended: the ratio sees the seams
+
+
+def test_resume_after_a_kill_gives_the_same_bytes(multi_block_scene, tmp_path, monkeypatch):
+    task = random_task(seed=1)
+    whole = refine(task, multi_block_scene, tmp_path / "whole.tif", block_size=256, progress=False)
+
+    out = tmp_path / "killed.tif"
+    commit, calls = refine_module._commit_block, []
+
+    def killed_after_four(*args):
+        if len(calls) == 4:
+            raise KeyboardInterrupt("killed")
+        calls.append(args[3].index)
+        commit(*args)
+
+    monkeypatch.setattr(refine_module, "_commit_block", killed_after_four)
+    with pytest.raises(KeyboardInterrupt):
+        refine(task, multi_block_scene, out, block_size=256, progress=False)
+    assert not out.exists()
+    work, journal = refine_module._work_paths(out)
+    assert work.exists() and len(__import__("json").loads(journal.read_text())["done"]) == 4
+
+    monkeypatch.setattr(refine_module, "_commit_block", lambda *args: (calls.append(args[3].index), commit(*args)))
+    refine(task, multi_block_scene, out, block_size=256, progress=False, resume=True)
+    assert sorted(calls) == list(range(9)) and len(calls) == 9  # the 4 finished blocks were not redone
+    assert out.read_bytes() == whole.read_bytes()
+    assert not work.exists() and not journal.exists()
+
+
+def test_resume_with_other_settings_starts_over(multi_block_scene, tmp_path, monkeypatch):
+    out = tmp_path / "o.tif"
+    work, journal = refine_module._work_paths(out)
+    commit = refine_module._commit_block
+
+    def fail_after_one(*args):
+        commit(*args)
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr(refine_module, "_commit_block", fail_after_one)
+    with pytest.raises(RuntimeError):
+        refine(random_task(), multi_block_scene, out, block_size=256, progress=False)
+    monkeypatch.setattr(refine_module, "_commit_block", commit)
+    refine(zero_residual_task(), multi_block_scene, out, block_size=256, progress=False, resume=True)
+    data, _ = read(out)
+    mask = multi_block_scene.read("nodata_mask") > 0
+    np.testing.assert_array_equal(data[mask], multi_block_scene.read("dsm")[mask])
+
+
+def test_tta_keeps_a_zero_residual_exact_and_changes_a_random_model(prepared_scene, tmp_path):
+    out = refine(zero_residual_task(), prepared_scene, tmp_path / "z.tif", tta=True, progress=False)
+    data, _ = read(out)
+    mask = prepared_scene.read("nodata_mask") > 0
+    np.testing.assert_array_equal(data[mask], prepared_scene.read("dsm")[mask])
+    plain, _ = read(refine(random_task(), prepared_scene, tmp_path / "p.tif", progress=False))
+    tta, _ = read(refine(random_task(), prepared_scene, tmp_path / "t.tif", tta=True, progress=False))
+    assert np.abs(plain[mask] - tta[mask]).mean() > 1e-3
+
+
+def test_two_dask_workers_give_the_single_process_bytes(multi_block_scene, tmp_path):
+    distributed = pytest.importorskip("dask.distributed")
+    task = random_task(seed=2)
+    single = refine(task, multi_block_scene, tmp_path / "single.tif", block_size=256, progress=False)
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster, \
+            distributed.Client(cluster) as client:
+        spread = refine(task, multi_block_scene, tmp_path / "dask.tif", block_size=256, progress=False, client=client)
+        assert len(client.scheduler_info()["workers"]) == 2
+    assert spread.read_bytes() == single.read_bytes()
+
+
+def test_refine_command_writes_the_cog_and_its_hillshade(prepared_scene, tmp_path):
+    from deepdem.cli import main
+
+    checkpoint = save_checkpoint(zero_residual_task(), tmp_path / "zero.ckpt")
+    out = tmp_path / "cli.tif"
+    assert main(["refine", "--checkpoint", str(checkpoint), "--scene", str(prepared_scene.path), "--out", str(out),
+                 "--quiet", "--resume", "--hillshade", "multidirectional", "--slope", "--block-size", "256"]) == 0
+    with rasterio.open(tmp_path / "cli_hillshade.tif") as src:
+        assert src.dtypes == ("uint8",) and src.shape == prepared_scene.shape
+    assert (tmp_path / "cli_slope.tif").exists()
+    assert main(["refine", "--checkpoint", str(checkpoint), "--scene", str(prepared_scene.path),
+                 "--out", str(tmp_path / "chm.tif"), "--quiet", "--chm"]) == 2  # one head: refused

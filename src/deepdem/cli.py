@@ -25,15 +25,68 @@ def _synth(args) -> int:
 
 
 def _prepare(args) -> int:
-    from .prepare import prepare_scene
+    from .errors import InputError
+    from .prepare import prepare_from_asp_prefix, prepare_scene
 
-    scene = prepare_scene(
-        dsm=args.dsm, ortho_left=args.ortho_left, ortho_right=args.ortho_right,
-        triangulation_error=args.triangulation_error, ndvi=args.ndvi, truth=args.truth,
-        truth_dtm=args.truth_dtm, out=args.out, clahe_kernel=args.clahe_kernel, clahe_clip=args.clahe_clip,
+    def pair(text, flag):
+        try:
+            nir, red = (int(v) for v in text.split(","))
+            return nir, red
+        except ValueError:
+            raise InputError(f"{flag} expects two 1-based band indices NIR,RED (e.g. 1,2), got {text!r}") from None
+
+    hls = None
+    if args.hls:
+        start, sep, end = args.hls.partition("/")
+        if not sep or not start or not end:
+            raise InputError(f"--hls expects a date window START/END (e.g. 2023-06-01/2023-08-31), got {args.hls!r}")
+        hls = {"start": start, "end": end, "stac_url": args.stac_url, "max_cloud": args.max_cloud}
+    options = dict(
+        ndvi=args.ndvi, clahe_kernel=args.clahe_kernel, clahe_clip=args.clahe_clip, crs=args.crs,
+        resolution=args.resolution, upsampling=args.resampling,
+        ndvi_bands=pair(args.ndvi_bands, "--ndvi-bands") if args.ndvi_bands else None,
+        image_band=args.image_band, coregister=args.coregister, coregister_max_ndvi=args.coregister_max_ndvi,
+        coregister_max_slope=args.coregister_max_slope, hls=hls,
     )
+    files = dict(dsm=args.dsm, ortho_left=args.ortho_left, ortho_right=args.ortho_right,
+                 triangulation_error=args.triangulation_error)
+    if args.asp_prefix:
+        scene = prepare_from_asp_prefix(args.asp_prefix, args.out, truth=args.truth, truth_dtm=args.truth_dtm,
+                                        **files, **options)
+    else:
+        missing = [f"--{k.replace('_', '-')}" for k, v in files.items() if v is None]
+        if missing:
+            raise InputError(f"{', '.join(missing)} required (or give --asp-prefix PATH/run)")
+        scene = prepare_scene(out=args.out, truth=args.truth, truth_dtm=args.truth_dtm, **files, **options)
     factors = ", ".join(f"{k}: {v:.2f}" for k, v in scene.scale_factors.items())
     print(f"wrote {scene}; scale factors (m) {factors}")
+    coreg = scene.manifest["provenance"].get("coregistration")
+    if coreg:
+        print(f"co-registration shift: x {coreg['shift_x']:+.3f} m, y {coreg['shift_y']:+.3f} m, "
+              f"z {coreg['shift_z']:+.3f} m; NMAD on stable ground {coreg['nmad_before']:.3f} -> {coreg['nmad_after']:.3f} m"
+              + ("" if coreg["applied_to"] else " (NOT applied: " + coreg["not_applied"] + ")"))
+    return 0
+
+
+def _ndvi(args) -> int:
+    from .errors import InputError
+    from .imagery import grid_like, hls_ndvi, ndvi_from_raster, write_ndvi
+
+    grid = grid_like(args.like) if args.like else None
+    if args.raster:
+        try:
+            nir, red = (int(v) for v in args.bands.split(","))
+        except ValueError:
+            raise InputError(f"--bands expects NIR,RED (1-based), got {args.bands!r}") from None
+        ndvi, grid = ndvi_from_raster(args.raster, nir, red, grid)
+        source = f"{args.raster} bands NIR {nir}, red {red}"
+    else:
+        if grid is None or not (args.start and args.end):
+            raise InputError("HLS NDVI needs --like (raster or scene) and --start/--end (or give --raster)")
+        ndvi, provenance = hls_ndvi(grid, args.start, args.end, stac_url=args.stac_url, max_cloud=args.max_cloud)
+        source = f"{len(provenance['items'])} HLS granules"
+    path = write_ndvi(args.out, ndvi, grid)
+    print(f"wrote {path} ({source}; {100 * float((ndvi == ndvi).mean()):.1f} % valid)")
     return 0
 
 
@@ -65,16 +118,40 @@ def _refine(args) -> int:
     from .refine import refine
 
     path = refine(args.checkpoint, args.scene, args.out, batch_size=args.batch_size, fill=args.fill,
-                  device=args.device, progress=not args.quiet)
+                  device=args.device, progress=not args.quiet, overlap=args.overlap, tta=args.tta,
+                  block_size=args.block_size, resume=args.resume, workers=args.workers,
+                  scheduler=args.scheduler, hillshade=args.hillshade, slope=args.slope, chm=args.chm)
     print(f"wrote {path}")
+    return 0
+
+
+def _hillshade(args) -> int:
+    from .products import hillshade_raster, slope_raster
+
+    path = hillshade_raster(args.dem, args.out, multidirectional=args.multidirectional, azimuth=args.azimuth,
+                            altitude=args.altitude, z_factor=args.z_factor)
+    print(f"wrote {path}")
+    if args.slope:
+        print(f"wrote {slope_raster(args.dem, args.slope)}")
     return 0
 
 
 def _evaluate(args) -> int:
     from .evaluate import evaluate
 
-    result = evaluate(args.dem, args.truth, initial=args.initial, json_path=args.json)
+    if args.truth is None and args.scene is None:
+        raise DeepDEMError("no truth given: --truth FILE, or --scene DIR with a truth band")
+    result = evaluate(args.dem, args.truth, initial=args.initial, json_path=args.json, scene=args.scene,
+                      report=args.report, coregister=args.coregister, target=args.target)
+    for name, shift in result.coregistration.items():
+        print(f"co-registered {name}: x {shift['shift_x']:+.3f} m, y {shift['shift_y']:+.3f} m, "
+              f"z {shift['shift_z']:+.3f} m")
     print(result.table())
+    if args.scene is not None or args.report is not None:
+        print()
+        print(result.main_table())
+    if args.report is not None:
+        print(f"report written to {Path(args.report) / 'report.md'}")
     return 0
 
 
@@ -106,17 +183,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_synth)
 
     p = sub.add_parser("prepare", help="build a Scene from input rasters (aligned on the DSM grid)")
-    p.add_argument("--dsm", required=True, help="initial DSM (e.g. ASP run-DEM.tif)")
-    p.add_argument("--ortho-left", required=True, help="left orthorectified image")
-    p.add_argument("--ortho-right", required=True, help="right orthorectified image")
-    p.add_argument("--triangulation-error", required=True, help="triangulation error (ASP run-IntersectionErr.tif)")
-    p.add_argument("--ndvi", help="NDVI raster (any resolution; resampled)")
+    p.add_argument("--asp-prefix", help="ASP run prefix PATH/run: finds run-DEM.tif, run-IntersectionErr.tif and the "
+                   "mapprojected images (see docs/prepare.md); the file flags below override")
+    p.add_argument("--dsm", help="initial DSM (e.g. ASP run-DEM.tif)")
+    p.add_argument("--ortho-left", help="left orthorectified image")
+    p.add_argument("--ortho-right", help="right orthorectified image")
+    p.add_argument("--triangulation-error", help="triangulation error (ASP run-IntersectionErr.tif)")
+    p.add_argument("--ndvi", help="NDVI raster (any resolution; resampled), or a red/NIR image with --ndvi-bands")
+    p.add_argument("--ndvi-bands", metavar="NIR,RED", help="compute NDVI from these 1-based bands of --ndvi (IGN IRC: 1,2)")
+    p.add_argument("--hls", metavar="START/END", help="NDVI from NASA HLS L30+S30 in this date window (YYYY-MM-DD/YYYY-MM-DD)")
+    p.add_argument("--stac-url", default="https://cmr.earthdata.nasa.gov/stac/LPCLOUD", help="STAC API for --hls")
+    p.add_argument("--max-cloud", type=float, default=None, help="skip HLS granules above this cloud cover (%%)")
+    p.add_argument("--image-band", type=int, default=None, help="band of multiband orthos to use (default: mean of bands)")
     p.add_argument("--truth", help="reference DSM (e.g. from LIDAR)")
     p.add_argument("--truth-dtm", help="reference DTM")
+    p.add_argument("--crs", help="grid CRS (default: the DSM's); metric CRSs only")
+    p.add_argument("--resolution", type=float, help="grid pixel size in CRS units (default: the DSM's)")
+    p.add_argument("--resampling", choices=("bilinear", "cubic"), default="bilinear",
+                   help="for continuous bands (masks use nearest; much finer sources are averaged)")
+    p.add_argument("--coregister", action="store_true",
+                   help="shift the DSM (and orthos, error) onto the truth on stable ground (Nuth & Kääb + vertical)")
+    p.add_argument("--coregister-max-ndvi", type=float, default=0.3, help="stable ground: NDVI below (default 0.3)")
+    p.add_argument("--coregister-max-slope", type=float, default=40.0, help="stable ground: slope below, degrees (default 40)")
     p.add_argument("--clahe-kernel", type=int, default=None, help="CLAHE kernel size in px (default 1/8 of the image)")
     p.add_argument("--clahe-clip", type=float, default=0.01, help="CLAHE clip limit (default 0.01)")
     p.add_argument("--out", required=True, help="scene directory to write")
     p.set_defaults(func=_prepare)
+
+    p = sub.add_parser("ndvi", help="NDVI raster from a red/NIR image or from NASA HLS (STAC)")
+    p.add_argument("--out", required=True, help="output GeoTIFF")
+    p.add_argument("--like", help="grid to produce NDVI on: a raster or a scene directory")
+    p.add_argument("--raster", help="multiband image with red and NIR (instead of HLS)")
+    p.add_argument("--bands", default="1,2", metavar="NIR,RED", help="1-based bands of --raster (default 1,2: IGN IRC)")
+    p.add_argument("--start", help="HLS date window start (YYYY-MM-DD)")
+    p.add_argument("--end", help="HLS date window end (YYYY-MM-DD)")
+    p.add_argument("--stac-url", default="https://cmr.earthdata.nasa.gov/stac/LPCLOUD", help="STAC API (default: NASA CMR-STAC LPCLOUD)")
+    p.add_argument("--max-cloud", type=float, default=None, help="skip granules above this cloud cover (%%)")
+    p.set_defaults(func=_ndvi)
 
     p = sub.add_parser("train", help="train a refinement model on one or more scenes",
                        description="Train a refinement model. Every flag is also a key of the YAML --config.")
@@ -138,12 +241,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fill", action="store_true", help="keep predictions where the scene has no data")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 …")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--overlap", type=float, default=0.25, help="chip overlap fraction (default 0.25)")
+    p.add_argument("--tta", action="store_true", help="average the 8 flips/rotations of each chip (8x compute)")
+    p.add_argument("--block-size", type=int, default=2048, help="output block (px); bounds memory")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted refine of the same inputs")
+    p.add_argument("--workers", type=int, default=0, help="spread blocks over a local Dask cluster of N processes")
+    p.add_argument("--scheduler", help="address of an existing Dask scheduler (tcp://host:8786)")
+    p.add_argument("--hillshade", nargs="?", const="standard", choices=["standard", "multidirectional"],
+                   help="also write <out>_hillshade.tif")
+    p.add_argument("--slope", action="store_true", help="also write <out>_slope.tif (degrees)")
+    p.add_argument("--chm", action="store_true", help="also write <out>_chm.tif = DSM - DTM (two-head models)")
     p.set_defaults(func=_refine)
 
-    p = sub.add_parser("evaluate", help="accuracy of a DEM (and the initial DSM) against a truth")
+    p = sub.add_parser("hillshade", help="hillshade (and slope) of a DEM GeoTIFF, as Cloud-Optimised GeoTIFFs")
     p.add_argument("--dem", required=True)
-    p.add_argument("--truth", required=True)
-    p.add_argument("--initial", help="initial DSM, compared on the same pixels")
+    p.add_argument("--out", required=True, help="output hillshade GeoTIFF (byte, 0 = nodata)")
+    p.add_argument("--multidirectional", action="store_true", help="mean of light from 225, 270, 315 and 360 deg")
+    p.add_argument("--azimuth", type=float, default=315.0)
+    p.add_argument("--altitude", type=float, default=45.0)
+    p.add_argument("--z-factor", type=float, default=1.0)
+    p.add_argument("--slope", help="also write the slope (degrees) to this GeoTIFF")
+    p.set_defaults(func=_hillshade)
+
+    p = sub.add_parser("evaluate", help="accuracy of a DEM (and the initial DSM, baselines) against a truth",
+                       description="Metrics (MAE, RMSE, bias, NMAD, |error| percentiles, LE90) of a DEM, the "
+                       "initial DSM and filter baselines on the same pixels, by land cover and slope.")
+    p.add_argument("--dem", required=True, help="the DEM to evaluate (e.g. deepdem refine's output)")
+    p.add_argument("--truth", help="reference DEM (default with --scene: its truth_dsm or truth_dtm band)")
+    p.add_argument("--initial", help="initial DSM, compared on the same pixels (default with --scene: its dsm)")
+    p.add_argument("--scene", help="Scene directory: orthos, NDVI, mask and truth DTM for strata and figures")
+    p.add_argument("--target", choices=("dsm", "dtm"), default="dsm",
+                   help="what the truth is (dtm adds a ground-filter baseline; default dsm)")
+    p.add_argument("--coregister", action="store_true",
+                   help="shift each DEM onto the truth first (xdem Nuth & Kääb + vertical shift on stable ground)")
+    p.add_argument("--report", help="write a report directory (report.md, metrics.json, PNG figures)")
     p.add_argument("--json", help="write the metrics as JSON")
     p.set_defaults(func=_evaluate)
 

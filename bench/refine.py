@@ -1,0 +1,319 @@
+"""Benchmark: scene-scale refinement speed and memory.
+
+In one run, on the same generated scene and the same (untrained, resnet18 UNet, 256-px) model:
+  * ours     - ``deepdem.refine.refine`` end to end: read, normalise, forward, blend, write the
+               Cloud-Optimised GeoTIFF (overviews included);
+  * forward  - the bare model forward (same batch size, bf16 autocast, channels-last) on the
+               chips ``refine`` runs (its halo duplicates included) and on the scene's unique
+               chip grid;
+  * deepdem  - a DeepDEM-style pipeline: a 50 %-overlap chip grid, one float32 forward per chip
+               (batch 1), one GeoTIFF per chip, merged with ``rasterio.merge`` (first wins);
+  * peak RSS - of a fresh process refining a 4096² and a 16384² scene (the latter on its first
+               ``--rss-blocks`` blocks only: a full CPU refine of 268 Mpx takes too long), and of
+               the final COG conversion of a 16384² raster (a process without torch).
+Speeds are scene Mpx per second; the ratios are taken side by side in each round.
+
+Usage:  python bench/refine.py [--size 4096] [--rounds 3] [--big 16384] [--no-write]
+Writes/updates the "## Refine" section of BENCHMARKS.md at the repository root.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+SECTION = "## Refine"
+BANDS = ["dsm", "ortho_left", "ortho_right", "triangulation_error", "ndvi", "nodata_mask"]
+CHIP = 256
+
+
+# -- a large scene, written window by window ---------------------------------------------------
+
+def tile_scene(tile_dir: Path, out: Path, size: int) -> Path:
+    """A ``size``² scene made by tiling a small generated scene, written one tile row at a time.
+
+    Only one tile row of one band is in memory at once, so building a 16384² scene does not
+    need the scene in memory. The manifest is the tile's, with the grid enlarged (the tile's
+    scale factors and statistics describe the tiled scene as well).
+    """
+    import rasterio
+    from rasterio.windows import Window
+
+    from deepdem.io import GTIFF_PROFILE
+    from deepdem.scene import MANIFEST, Scene
+
+    tile = Scene.open(tile_dir)
+    if (out / MANIFEST).exists() and Scene.open(out).shape == (size, size):
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    th, tw = tile.shape
+    for band in tile.bands:
+        if band not in BANDS:
+            continue
+        with rasterio.open(tile.band_path(band)) as src:
+            data, profile, description = src.read(1), src.profile, src.descriptions[0]
+        # The same tiling and compression as the scenes 'prepare' writes (deepdem.io.GTIFF_PROFILE).
+        profile.update(GTIFF_PROFILE, height=size, width=size, BIGTIFF="YES")
+        if profile["dtype"] != "float32":
+            profile["predictor"] = 2
+        row = np.tile(data, (1, -(-size // tw)))[:, :size]
+        with rasterio.open(out / f"{band}.tif", "w", **profile) as dst:
+            dst.set_band_description(1, description or band)
+            for r in range(0, size, th):
+                h = min(th, size - r)
+                dst.write(row[:h], 1, window=Window(0, r, size, h))
+    manifest = json.loads((tile_dir / MANIFEST).read_text())
+    manifest["bands"] = {b: v for b, v in manifest["bands"].items() if b in BANDS}
+    manifest["grid"]["height"] = manifest["grid"]["width"] = size
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    return out
+
+
+def base_tile(work: Path) -> Path:
+    from deepdem.prepare import prepare_from_asp_dir
+    from deepdem.synth import synth_scene
+
+    scene = work / "tile_scene"
+    if not (scene / "scene.json").exists():
+        synth_scene(work / "tile_raw", seed=7, size=512)
+        prepare_from_asp_dir(work / "tile_raw", scene)
+    return scene
+
+
+def model():
+    import torch
+
+    from deepdem.models import DeepDEMRegressionTask
+
+    torch.manual_seed(0)
+    return DeepDEMRegressionTask({"bands": BANDS, "chip_size": CHIP}).eval()
+
+
+# -- the three pipelines -----------------------------------------------------------------------
+
+def run_ours(task, scene, out: Path, **kw) -> float:
+    from deepdem.refine import refine
+
+    t0 = time.perf_counter()
+    refine(task, scene, out, progress=False, **kw)
+    return time.perf_counter() - t0
+
+
+def chip_counts(shape, overlap=0.25, block_size=2048):
+    from deepdem.data import grid_positions
+    from deepdem.refine import _chip_starts, plan_blocks
+
+    stride = int(round(CHIP * (1 - overlap)))
+    unique = len(grid_positions(shape[0], CHIP, stride)) * len(grid_positions(shape[1], CHIP, stride))
+    with_halo = sum(
+        len(_chip_starts(shape[0], CHIP, stride, b.row0, b.row1)) * len(_chip_starts(shape[1], CHIP, stride, b.col0, b.col1))
+        for b in plan_blocks(shape, block_size)
+    )
+    return unique, with_halo
+
+
+def run_forward(task, n_chips: int, batch_size: int = 8) -> float:
+    """Seconds for the bare forward of ``n_chips`` chips, as ``refine`` batches them."""
+    import torch
+
+    net = task.to(memory_format=torch.channels_last)
+    x = torch.randn(batch_size, len(BANDS), CHIP, CHIP).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        net(x)  # warm-up
+        t0 = time.perf_counter()
+        for start in range(0, n_chips, batch_size):
+            net(x[: min(batch_size, n_chips - start)])
+    return time.perf_counter() - t0
+
+
+def run_deepdem_style(task, scene, out: Path, work: Path) -> float:
+    """DeepDEM's inference notebook: 50 % overlap grid, one chip at a time in float32, one
+    GeoTIFF per chip, then ``rasterio.merge`` (first wins)."""
+    import rasterio
+    import torch
+    from rasterio.merge import merge
+    from rasterio.windows import Window
+    from rasterio.windows import transform as window_transform
+
+    from deepdem.data import grid_positions, normalise_chip
+    from deepdem.io import write_raster
+
+    t0 = time.perf_counter()
+    chips_dir = Path(tempfile.mkdtemp(dir=work, prefix="deepdem_style_chips"))
+    net = task.to(memory_format=torch.contiguous_format)
+    scale = scene.scale_factor(CHIP)
+    h, w = scene.shape
+    paths = []
+    with torch.inference_mode():
+        for r in grid_positions(h, CHIP, CHIP // 2):
+            for c in grid_positions(w, CHIP, CHIP // 2):
+                window = Window(c, r, CHIP, CHIP)
+                stack = scene.read_stack(BANDS, window)
+                norm = normalise_chip(stack, BANDS, scale)
+                res = net(torch.from_numpy(norm.inputs[None]))[0, 0].numpy() * scale
+                pred = np.where(norm.valid, norm.base + res, -9999.0).astype(np.float32)
+                path = chips_dir / f"chip_{r}_{c}.tif"
+                write_raster(path, pred, window_transform(window, scene.transform), scene.crs, -9999.0)
+                paths.append(path)
+    sources = [rasterio.open(p) for p in paths]
+    mosaic, transform = merge(sources, nodata=-9999.0)
+    for s in sources:
+        s.close()
+    write_raster(out, mosaic[0], transform, scene.crs, -9999.0)
+    elapsed = time.perf_counter() - t0
+    for p in paths:
+        p.unlink()
+    chips_dir.rmdir()
+    return elapsed
+
+
+# -- peak memory in a fresh process ------------------------------------------------------------
+
+# Peak RSS from /proc (VmHWM): getrusage's ru_maxrss survives exec, so a child started by a
+# large parent would report the parent's peak.
+HWM = "def hwm():\n    return int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]) / 1024\n"
+
+RSS_CHILD = HWM + r"""
+import sys, json, time
+import deepdem.refine as rm
+sys.path.insert(0, {bench!r})
+from refine import model
+from deepdem.scene import Scene
+scene, out, blocks = Scene.open({scene!r}), {out!r}, {blocks}
+commit, done = rm._commit_block, []
+class Stop(Exception):
+    pass
+def limited(*a):
+    commit(*a); done.append(1)
+    if blocks and len(done) >= blocks:
+        raise Stop
+rm._commit_block = limited
+t0 = time.perf_counter()
+try:
+    rm.refine(model(), scene, out, progress=False)
+except Stop:
+    pass
+print(json.dumps({{"rss_mb": hwm(),
+                  "blocks": len(done), "seconds": time.perf_counter() - t0}}))
+"""
+
+COG_CHILD = HWM + r"""
+import json, rasterio.shutil
+rasterio.shutil.copy({src!r}, {dst!r}, driver="COG", **{options!r})
+print(json.dumps({{"rss_mb": hwm()}}))
+"""
+
+
+def child(code: str) -> dict:
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def rss(scene: Path, out: Path, blocks: int) -> dict:
+    return child(RSS_CHILD.format(bench=str(Path(__file__).parent), scene=str(scene), out=str(out), blocks=blocks))
+
+
+# -- main ----------------------------------------------------------------------------------------
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", type=int, default=4096)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--big", type=int, default=16384, help="scene size for the RSS comparison (0: skip)")
+    parser.add_argument("--rss-blocks", type=int, default=6, help="blocks refined at the big size")
+    parser.add_argument("--work", default=None, help="work directory (default: a temporary one)")
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args()
+
+    import torch
+
+    from deepdem.refine import COG_OPTIONS
+    from deepdem.scene import Scene
+
+    work = Path(args.work or tempfile.mkdtemp(prefix="deepdem_bench_refine_"))
+    work.mkdir(parents=True, exist_ok=True)
+    tile = base_tile(work)
+    scene_dir = tile_scene(tile, work / f"scene_{args.size}", args.size)
+    scene = Scene.open(scene_dir)
+    task = model()
+    unique, with_halo = chip_counts(scene.shape)
+    mpx = args.size * args.size / 1e6
+    print(f"scene {args.size}² ({mpx:.1f} Mpx), chips: {unique} unique, {with_halo} with block halos", flush=True)
+
+    rows = []
+    for i in range(args.rounds):
+        t_ours = run_ours(task, scene, work / "ours.tif")
+        t_fwd_halo = run_forward(task, with_halo)
+        t_fwd_unique = t_fwd_halo * unique / with_halo
+        t_deep = run_deepdem_style(task, scene, work / "deepdem_style.tif", work)
+        row = dict(ours=mpx / t_ours, fwd_halo=mpx / t_fwd_halo, fwd_unique=mpx / t_fwd_unique, deepdem=mpx / t_deep,
+                   r_fwd_halo=t_fwd_halo / t_ours, r_fwd_unique=t_fwd_unique / t_ours, r_deep=t_deep / t_ours)
+        rows.append(row)
+        print(f"round {i + 1}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items()), flush=True)
+    med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+
+    mem = {"small": rss(scene_dir, work / "rss_small.tif", 0)}
+    print(f"rss {args.size}²: {mem['small']}", flush=True)
+    if args.big:
+        big = tile_scene(tile, work / f"scene_{args.big}", args.big)
+        mem["small_k"] = rss(scene_dir, work / "rss_small_k.tif", args.rss_blocks)
+        mem["big_k"] = rss(big, work / "rss_big.tif", args.rss_blocks)
+        mem["cog_big"] = child(COG_CHILD.format(src=str(big / "dsm.tif"), dst=str(work / "cog_big.tif"),
+                                                 options=COG_OPTIONS))
+        print(f"rss: {mem}", flush=True)
+
+    env = (f"Machine: {platform.machine()}, {len(__import__('os').sched_getaffinity(0))} cores (shared); "
+           f"Python {platform.python_version()}, torch {torch.__version__}.")
+    lines = [
+        SECTION, "",
+        f"Command: `python bench/refine.py --size {args.size} --rounds {args.rounds} --big {args.big} "
+        f"--rss-blocks {args.rss_blocks}`. {env}",
+        f"Scene: {args.size}² px (a 512² generated scene tiled), untrained resnet18 UNet, 256-px chips, "
+        f"batch 8, bf16 autocast on CPU; ours at its defaults (overlap 0.25, 2048-px blocks). "
+        f"Medians of {args.rounds} rounds; in each round the pipelines run one after the other and "
+        f"the ratios are taken within the round.",
+        "",
+        "| pipeline | scene Mpx/s | ours ÷ it (time ratio) |",
+        "|---|---:|---:|",
+        f"| ours: `refine` end to end (COG with overviews) | {med['ours']:.3f} | 1 |",
+        f"| bare forward, the chips `refine` runs ({with_halo}, block halos included) | {med['fwd_halo']:.3f} | {med['r_fwd_halo']:.2f} |",
+        f"| bare forward, the unique chip grid ({unique}) | {med['fwd_unique']:.3f} | {med['r_fwd_unique']:.2f} |",
+        f"| DeepDEM-style: 50 % overlap, fp32 batch 1, GeoTIFF per chip, `rasterio.merge` | {med['deepdem']:.3f} | {med['r_deep']:.2f} |",
+        "",
+    ]
+    if args.big:
+        ratio = mem["big_k"]["rss_mb"] / mem["small_k"]["rss_mb"]
+        lines += [
+            f"Peak RSS (fresh process, model included): {args.size}² full refine incl. COG "
+            f"{mem['small']['rss_mb']:.0f} MB; first {args.rss_blocks} blocks: {args.size}² "
+            f"{mem['small_k']['rss_mb']:.0f} MB, {args.big}² {mem['big_k']['rss_mb']:.0f} MB "
+            f"(ratio {ratio:.3f}); COG conversion of a {args.big}² float32 raster: "
+            f"{mem['cog_big']['rss_mb']:.0f} MB. (At {args.big}² only the first {args.rss_blocks} blocks are "
+            f"refined: a full CPU refine of {args.big ** 2 / 1e6:.0f} Mpx would take too long; the blocks are "
+            f"all the same size, so memory after {args.rss_blocks} blocks is the steady state.)",
+            "",
+        ]
+    text = "\n".join(lines)
+    print(text)
+    if not args.no_write:
+        path = REPO / "BENCHMARKS.md"
+        current = path.read_text() if path.exists() else "# Benchmarks\n"
+        pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
+        current = pattern.sub(lambda m: text + "\n", current) if pattern.search(current) else current.rstrip() + "\n\n" + text + "\n"
+        path.write_text(current)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
