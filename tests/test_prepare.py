@@ -306,7 +306,7 @@ def _case_files(case, synth, tmp):
         for flag, name in (("--ortho-left", "left_ortho.tif"), ("--ortho-right", "right_ortho.tif")):
             with rasterio.open(synth / name) as src:
                 coarse = src.read(1, out_shape=(dem.shape[0] // 2, dem.shape[1] // 2), resampling=Resampling.average)
-            files[flag] = _rewrite(synth / name, tmp / f"coarse_{name}", data=coarse, transform=dem_t * dem_t.scale(2))
+            files[flag] = _rewrite(synth / name, tmp / f"coarse_{name}", data=coarse, transform=dem_t @ dem_t.scale(2))
 
         def check(scene):
             assert scene.shape == dem.shape and scene.transform == dem_t

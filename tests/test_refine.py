@@ -236,7 +236,7 @@ def seam_ratio(task, scene, tmp_path, overlap, width=4):
     off = stride // 2
     arrays = {b: scene.read(b)[off:, off:] for b in scene.bands if b != "nodata_mask"}
     h, w = arrays["dsm"].shape
-    shifted = write_scene(tmp_path / f"shifted{overlap}", Grid(scene.crs, scene.transform * Affine.translation(off, off), h, w),
+    shifted = write_scene(tmp_path / f"shifted{overlap}", Grid(scene.crs, scene.transform @ Affine.translation(off, off), h, w),
                           arrays, n_chips=200)
     errors = []
     for name, sc, truth in (("a", scene, scene.read("truth_dsm")[off:, off:]), ("b", shifted, arrays["truth_dsm"])):

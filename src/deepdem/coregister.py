@@ -101,7 +101,7 @@ def shift_on_grid(
     out = np.full(array.shape, np.nan, dtype=np.float32)
     reproject(
         array.astype(np.float32), out,
-        src_transform=Affine.translation(dx, dy) * transform, src_crs=crs, src_nodata=np.nan,
+        src_transform=Affine.translation(dx, dy) @ transform, src_crs=crs, src_nodata=np.nan,
         dst_transform=transform, dst_crs=crs, dst_nodata=np.nan, resampling=Resampling[resampling],
     )
     return out

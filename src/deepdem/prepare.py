@@ -284,7 +284,7 @@ def vertical_transform(dsm_data: np.ndarray, grid: Grid, dsm_path, truth_path) -
     rows = np.linspace(0, grid.height - 1, min(grid.height, 33))
     cols = np.linspace(0, grid.width - 1, min(grid.width, 33))
     rr, cc = np.meshgrid(rows, cols, indexing="ij")
-    xs, ys = grid.transform * (cc + 0.5, rr + 0.5)
+    xs, ys = grid.transform @ (cc + 0.5, rr + 0.5)
     to_source = pyproj.Transformer.from_crs(
         pyproj.CRS.from_wkt(grid.crs.to_wkt()), pyproj.CRS.from_wkt(horizontal_crs(src_crs).to_wkt()), always_xy=True)
     sx, sy = to_source.transform(xs, ys)

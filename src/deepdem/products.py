@@ -64,10 +64,17 @@ def _stream_product(sources, out, compute, dtype: str, nodata, description: str,
     import rasterio.shutil
     from rasterio.windows import Window
 
-    from .io import atomic_path
+    from .io import atomic_path, open_raster
 
     out = Path(out)
-    handles = [rasterio.open(path) for path, _ in sources]
+    handles = []
+    try:
+        for path, _ in sources:
+            handles.append(open_raster(path))
+    except Exception:
+        for handle in handles:
+            handle.close()
+        raise
     try:
         ref = handles[0]
         height, width = ref.height, ref.width

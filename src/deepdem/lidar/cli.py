@@ -108,7 +108,7 @@ def run_lidar(args) -> int:
             progress=False if args.no_progress else None,
         )
     except DeepDEMError as exc:
-        print(f"deepdem lidar: {exc}", file=sys.stderr)
+        print(f"deepdem: error: {exc}", file=sys.stderr)
         return 2
     g = products.grid
     print(f"{args.out}: {g.width} x {g.height} cells at {g.res} ({g.crs.name}); "
