@@ -169,8 +169,10 @@ class DeepDEMRegressionTask(L.LightningModule):
             generator = torch.Generator().manual_seed(0)
             errors = errors[torch.randperm(errors.numel(), generator=generator)[: self.NMAD_SAMPLES]]
         if errors.numel():
+            # Each process's NMAD over its own chips; DDP averages them (a median does not reduce).
             median = errors.median()
-            self.log("val_nmad", 1.4826 * (errors - median).abs().median())
+            sync = self.trainer is not None and self.trainer.world_size > 1
+            self.log("val_nmad", 1.4826 * (errors - median).abs().median(), sync_dist=sync)
 
     def configure_optimizers(self):
         lr = float(self.model_kwargs.get("lr", 5e-4))
