@@ -54,3 +54,9 @@ def test_console_entry_point_exits_2_on_bad_input(tmp_path):
                            "--truth", str(tmp_path / "y.tif")], capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"deepdem: error: {tmp_path / 'x.tif'}: file not found"
+
+
+def test_demo_too_small_is_refused_before_writing(capsys, tmp_path):
+    code, _, err = run(capsys, "demo", "--size", "100", "--chip-size", "64", "--out", str(tmp_path / "demo"))
+    assert code == 2 and "needs at least 128 px" in err
+    assert not (tmp_path / "demo").exists()

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import InputError
 from .evaluate import Evaluation, evaluate
 from .prepare import prepare_from_asp_dir
 from .refine import refine
@@ -48,6 +49,9 @@ def run_demo(
     if progress is None:
         progress = sys.stderr.isatty()
     out = Path(out)
+    if size < 2 * chip_size:
+        # Checked before anything is written: training needs a chip for training and one held out.
+        raise InputError(f"--size {size} is too small for --chip-size {chip_size}: the demo needs at least {2 * chip_size} px")
     out.mkdir(parents=True, exist_ok=True)
 
     def step(message):
