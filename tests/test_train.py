@@ -191,3 +191,44 @@ def test_rotated_chips_from_transposed_twins_equal_numpy_rotations(prepared_scen
                 expected = np.rot90(values, k)
                 expected = expected[:, ::-1] if flip else expected
                 np.testing.assert_array_equal(got[band], expected)
+
+
+def test_training_chips_equal_normalise_chip_of_the_same_rotated_pixels(prepared_scene):
+    """The fast batch path (cached fills, O(1) chip means, flips from the map) against the
+    reference normalisation that refine uses, for all eight orientations."""
+    bands = ["dsm", "ortho_left", "ortho_right", "triangulation_error", "ndvi", "nodata_mask"]
+    arrays = SceneArrays(prepared_scene, bands, "dsm", 64)
+    tr, _ = spatial_split(prepared_scene.shape, 64)
+    dataset = ChipDataset([arrays], [tr], bands, 64, "train", samples=64, seed=4, swap_images=False)
+    raw = {b: prepared_scene.read(b) for b in [*bands, "truth_dsm"]}
+    orientations, holes = set(), 0
+    for index in range(64):
+        _, row, col, k, flip, _ = dataset._draw(index)
+        orientations.add((k, flip))
+        stack = {}
+        for band, values in raw.items():
+            chip = np.rot90(values[row : row + 64, col : col + 64], k)
+            stack[band] = np.ascontiguousarray(chip[:, ::-1] if flip else chip)
+        expected = normalise_chip(stack, bands, arrays.scale, arrays.fallback_mean)
+        holes += int(np.isnan(stack["dsm"]).sum())
+        item = dataset[index]
+        np.testing.assert_allclose(item["inputs"].numpy(), expected.inputs, atol=2e-6)
+        np.testing.assert_allclose(item["base"][0].numpy(), expected.base, atol=1e-4)
+        truth_valid = expected.valid & ~np.isnan(stack["truth_dsm"])
+        np.testing.assert_array_equal(item["valid"][0].numpy(), truth_valid)
+        np.testing.assert_array_equal(item["target"][0].numpy()[truth_valid], stack["truth_dsm"][truth_valid])
+        assert np.all(item["target"][0].numpy()[~truth_valid] == 0)
+    assert len(orientations) == 8
+    assert holes > 100  # DSM no-data was exercised, not only full chips
+
+
+def test_scene_arrays_travel_to_worker_processes_as_maps_not_copies(prepared_scene):
+    import pickle
+
+    arrays = SceneArrays(prepared_scene, ["dsm", "ortho_left", "nodata_mask"], "dsm", 64)
+    payload = pickle.dumps(arrays)
+    assert len(payload) < 20_000  # the arrays themselves would be several MB
+    copy = pickle.loads(payload)
+    assert isinstance(copy.arrays["dsm"], np.memmap)
+    np.testing.assert_array_equal(copy.view("truth_dsm", 5, 7, 64, 3, True), arrays.view("truth_dsm", 5, 7, 64, 3, True))
+    assert copy.dsm_mean(5, 7, 64) == arrays.dsm_mean(5, 7, 64) == pytest.approx(np.nanmean(prepared_scene.read("dsm")[5:69, 7:71]))

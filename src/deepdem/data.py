@@ -12,6 +12,7 @@ The normalisation lives in one function, :func:`normalise_chip`, used by trainin
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from dataclasses import dataclass
@@ -129,12 +130,22 @@ def grid_positions(length: int, chip_size: int, stride: int) -> list[int]:
 
 
 class SceneArrays:
-    """A scene's bands as memory-mapped float32 arrays (NaN = no data), with its scale factor.
+    """A scene's bands as model-ready memory maps, decoded once, with its scale factor.
 
     The GeoTIFFs are decoded once into ``.npy`` files (``<scene>/.cache/``, or a temporary
-    directory when the scene is read-only); chips are then slices of memory maps: no raster is
-    reopened or decompressed per chip (the seed opened 7 files per chip), and the page cache
-    is shared by data-loader workers.
+    directory when the scene is read-only) that already hold what a chip needs, so that building
+    a chip is a handful of plain copies (the seed opened 7 rasters per chip):
+
+    * ``dsm``: float32, NaN where it has no data, plus summed-area tables of its values and of its
+      valid pixels, so that a chip's mean costs four lookups instead of a pass over the chip;
+    * other input bands: float32 with each band kind's fill value already in place of no data
+      (the mask band as uint8);
+    * each truth band: float32, NaN wherever the loss must not look: where the truth or the
+      inputs (DSM, mask) have no data;
+    * for each of these, a transposed twin: 90° rotations become contiguous reads (copying a
+      rotated view of a 256-px chip costs ~25x a straight copy). Of the eight flips and
+      rotations, four are then plain copies (row order reversed at most) and four need their
+      columns reversed, which :class:`ChipDataset` does with one vectorised flip per chip.
     """
 
     def __init__(
@@ -146,6 +157,8 @@ class SceneArrays:
         scale: float | None = None,
         cache_dir: str | os.PathLike | None = None,
     ):
+        self._arguments = dict(scene=scene, bands=list(bands), target=target, chip_size=chip_size,
+                               scale=scale, cache_dir=cache_dir)
         self.scene = scene
         targets = [target] if isinstance(target, str) else list(target or [])
         self.target_bands = [TARGET_BANDS[t] for t in targets]
@@ -153,56 +166,182 @@ class SceneArrays:
         missing = [b for b in needed if not scene.has(b)]
         if missing:
             raise InputError(f"scene lacks band(s) {', '.join(missing)} (it has: {', '.join(scene.bands)})", scene.path)
-        self.arrays = {band: band_memmap(scene, band, cache_dir) for band in needed}
-        # Transposed twins make 90° rotations contiguous reads: copying a rotated view of a
-        # 256-px chip costs ~25x a straight copy, and would dominate the data pipeline.
-        self._transposed = {band: band_memmap(scene, band, cache_dir, transposed=True) for band in needed}
+        self._cache = _ArrayCache(scene, cache_dir)
+        self.arrays: dict[str, np.ndarray] = {}
+        self._transposed: dict[str, np.ndarray] = {}
+        self._tensors: dict[str, torch.Tensor] = {}
+        self._tensors_transposed: dict[str, torch.Tensor] = {}
+        for band in needed:
+            if band in self.target_bands:
+                self._add(band, ["dsm", "nodata_mask", band], lambda band=band: _loss_target(scene, band))
+            else:
+                self._add(band, [band], lambda band=band: _model_ready(scene.read(band), band))
+        height, width = scene.shape
+        self._dsm_sums = self._cache.get("dsm-sums", ["dsm"], (2, height + 1, width + 1), np.float64,
+                                         lambda out: _summed_area_tables(self.arrays["dsm"], out)).view(np.ndarray)
         self.scale = scale if scale is not None else scene.scale_factor(chip_size)
         self.fallback_mean = float(scene.statistics("dsm").get("median", 0.0))
 
-    def chip(self, row: int, col: int, size: int, k: int = 0, flip: bool = False) -> dict[str, np.ndarray]:
-        """Views of a chip, rotated by ``k``·90° (as ``np.rot90``) and then mirrored if ``flip``."""
+    def __getstate__(self):
+        # Maps reopen in the receiving process instead of travelling as copies of the scene.
+        return self._arguments
+
+    def __setstate__(self, arguments):
+        self.__init__(**arguments)
+
+    def _add(self, name: str, sources: list[str], build) -> None:
+        self.arrays[name], self._transposed[name] = self._cache.get_with_twin(name, sources, build)
+        # Tensors over the maps: slicing an np.memmap runs Python code per slice, and torch.flip
+        # reads a chip straight from the map. The maps are private copy-on-write ones, writable
+        # as torch.from_numpy wants; nothing ever writes to them.
+        self._tensors[name] = torch.from_numpy(self.arrays[name].view(np.ndarray))
+        self._tensors_transposed[name] = torch.from_numpy(self._transposed[name].view(np.ndarray))
+
+    def dsm_mean(self, row: int, col: int, size: int) -> float:
+        """Mean of the valid DSM pixels of a chip (the scene median if it has none), in O(1)."""
+        sums = self._dsm_sums
+        r1, c1 = row + size, col + size
+        total, count = sums[:, r1, c1] - sums[:, row, c1] - sums[:, r1, col] + sums[:, row, col]
+        return float(total / count) if count >= 0.5 else self.fallback_mean
+
+    def _source(self, name: str, row: int, col: int, size: int, k: int) -> tuple[torch.Tensor, bool]:
+        """The chip's pixels in the plain or transposed map, and whether its rows run backwards."""
         if k % 2:
-            views = {band: a[col : col + size, row : row + size] for band, a in self._transposed.items()}
-            views = {band: (v[::-1, :] if k % 4 == 1 else v[:, ::-1]) for band, v in views.items()}
+            return self._tensors_transposed[name][col : col + size, row : row + size], k % 4 == 1
+        return self._tensors[name][row : row + size, col : col + size], k % 4 == 2
+
+    def view(self, name: str, row: int, col: int, size: int, k: int = 0, flip: bool = False) -> np.ndarray:
+        """One array's chip, rotated by ``k``·90° (as ``np.rot90``) and then mirrored if ``flip``."""
+        source, rows_reversed = self._source(name, row, col, size, k)
+        view = source.numpy()
+        view = view[::-1] if rows_reversed else view
+        return view[:, ::-1] if mirrored_columns(k, flip) else view
+
+    def copy_chip(self, name: str, row: int, col: int, size: int, k: int, flip: bool, out: np.ndarray) -> None:
+        """Write :meth:`view` into ``out`` (casting to its dtype) with the fastest copy for it.
+
+        numpy copies a column-reversed view element by element (~4x slower than torch.flip),
+        and torch has no negative strides: orientations that reverse columns go through
+        ``torch.flip``, those that only reverse rows through numpy, plain ones through torch.
+        """
+        source, rows_reversed = self._source(name, row, col, size, k)
+        if mirrored_columns(k, flip):
+            torch.from_numpy(out).copy_(source.flip((0, 1) if rows_reversed else (1,)))
+        elif rows_reversed:
+            np.copyto(out, source.numpy()[::-1])
         else:
-            views = {band: a[row : row + size, col : col + size] for band, a in self.arrays.items()}
-            if k % 4 == 2:
-                views = {band: v[::-1, ::-1] for band, v in views.items()}
-        if flip:
-            views = {band: v[:, ::-1] for band, v in views.items()}
-        return {band: np.asarray(v) for band, v in views.items()}
+            torch.from_numpy(out).copy_(source)
+
+    def chip(self, row: int, col: int, size: int, k: int = 0, flip: bool = False) -> dict[str, np.ndarray]:
+        """Views of every cached array for one chip (see :meth:`view`)."""
+        return {name: self.view(name, row, col, size, k, flip) for name in self.arrays}
 
 
-def band_memmap(scene: Scene, band: str, cache_dir: str | os.PathLike | None = None, transposed: bool = False) -> np.ndarray:
-    """A read-only memory map of one band as float32 (NaN = no data), decoded once and cached.
+def mirrored_columns(k: int, flip: bool) -> bool:
+    """Whether rotation ``k`` then mirror ``flip`` reverses the columns of the plain/transposed chip.
 
-    The cache file is keyed by the band file's size and modification time, so a re-prepared
-    scene is never served stale arrays.
+    rot90 by 1 is the transposed chip with rows reversed, by 2 rows and columns reversed, by 3
+    the transposed chip with columns reversed; a mirror reverses the columns once more.
     """
-    source = scene.band_path(band)
-    stat = source.stat()
-    key = f"{band}{'-T' if transposed else ''}-{stat.st_size}-{int(stat.st_mtime_ns)}.npy"
-    directories = [Path(cache_dir)] if cache_dir else [scene.path / ".cache", Path(tempfile.gettempdir()) / "deepdem-cache" / scene.path.resolve().as_posix().strip("/").replace("/", "_")]
-    for directory in directories:
-        cached = directory / key
-        if cached.exists():
-            return np.load(cached, mmap_mode="r")
-    data = scene.read(band)
-    if transposed:
-        data = np.ascontiguousarray(data.T)
-    for directory in directories:
-        try:
-            directory.mkdir(parents=True, exist_ok=True)
-            for stale in directory.glob(f"{band}{'-T' if transposed else ''}-[0-9]*.npy"):
-                stale.unlink(missing_ok=True)
-            with atomic_path(directory / key) as tmp:
-                with open(tmp, "wb") as handle:
-                    np.save(handle, data)
-            return np.load(directory / key, mmap_mode="r")
-        except OSError:
-            continue  # read-only scene directory: try the next place
+    return (k % 4 in (2, 3)) != bool(flip)
+
+
+def _loss_target(scene: Scene, truth: str) -> np.ndarray:
+    """A truth band with NaN wherever the loss must not look (no truth, or no input data)."""
+    data = scene.read(truth)
+    data[np.isnan(scene.read("dsm")) | (scene.read("nodata_mask") == 0)] = np.nan
     return data
+
+
+def _model_ready(data: np.ndarray, band: str) -> np.ndarray:
+    """A band as the model consumes it: fill values in place of NaN (the DSM keeps its NaNs)."""
+    kind = BANDS[band]
+    if kind.kind == "mask":
+        return (data > 0).astype(np.uint8)
+    if band == "dsm":
+        return data
+    return np.where(np.isnan(data), np.float32(kind.fill), data)
+
+
+def _summed_area_tables(dsm: np.ndarray, out: np.ndarray, rows_per_block: int = 1024) -> None:
+    """Write (2, H+1, W+1) float64 integral images of the valid DSM heights and of the valid-pixel
+    count into ``out`` (a memory map: a 16k² scene's tables are 4 GB).
+
+    Built in row blocks so that memory stays bounded on large scenes; float64 keeps the sum of
+    10⁸ heights exact to well under a millimetre per chip.
+    """
+    height, width = dsm.shape
+    out[:, 0, :] = 0.0
+    out[:, :, 0] = 0.0
+    carry = np.zeros((2, width), np.float64)
+    for row0 in range(0, height, rows_per_block):
+        block = np.asarray(dsm[row0 : row0 + rows_per_block], dtype=np.float64)
+        valid = ~np.isnan(block)
+        for i, values in enumerate((np.where(valid, block, 0.0), valid.astype(np.float64))):
+            cumulative = np.cumsum(np.cumsum(values, axis=1), axis=0) + carry[i]
+            out[i, row0 + 1 : row0 + 1 + len(block), 1:] = cumulative
+            carry[i] = cumulative[-1]
+
+
+class _ArrayCache:
+    """``.npy`` files derived from a scene's bands, keyed by the sources' size and mtime.
+
+    A re-prepared scene is therefore never served stale arrays; stale files are removed.
+    """
+
+    VERSION = "v2"
+
+    def __init__(self, scene: Scene, cache_dir: str | os.PathLike | None):
+        self.scene = scene
+        self.directories = [Path(cache_dir)] if cache_dir else [
+            scene.path / ".cache",
+            Path(tempfile.gettempdir()) / "deepdem-cache" / scene.path.resolve().as_posix().strip("/").replace("/", "_"),
+        ]
+
+    def _key(self, name: str, sources: list[str]) -> str:
+        stats = [(s, self.scene.band_path(s).stat()) for s in sources]
+        digest = hashlib.sha1(repr([(s, st.st_size, st.st_mtime_ns) for s, st in stats]).encode()).hexdigest()[:16]
+        return f"{name}-{self.VERSION}-{digest}.npy"
+
+    def _load(self, key: str) -> np.ndarray | None:
+        for directory in self.directories:
+            if (directory / key).exists():
+                return np.load(directory / key, mmap_mode="c")
+        return None
+
+    def _save(self, name: str, key: str, shape: tuple[int, ...], dtype, fill) -> np.ndarray:
+        """Create the array with ``fill(out)`` straight into its ``.npy`` map, then rename it."""
+        for directory in self.directories:
+            try:
+                directory.mkdir(parents=True, exist_ok=True)
+                for stale in [*directory.glob(f"{name}-v*.npy"), *directory.glob(f"{name}-[0-9]*.npy")]:
+                    stale.unlink(missing_ok=True)
+                with atomic_path(directory / key) as tmp:
+                    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
+                    fill(out)
+                    out.flush()
+                    del out
+                return np.load(directory / key, mmap_mode="c")
+            except OSError:
+                continue  # read-only scene directory: try the next place
+        out = np.empty(shape, dtype)
+        fill(out)
+        return out
+
+    def get(self, name: str, sources: list[str], shape: tuple[int, ...], dtype, fill) -> np.ndarray:
+        key = self._key(name, sources)
+        cached = self._load(key)
+        return cached if cached is not None else self._save(name, key, shape, dtype, fill)
+
+    def get_with_twin(self, name: str, sources: list[str], build) -> tuple[np.ndarray, np.ndarray]:
+        """An array from ``build()`` and its transposed twin."""
+        key, key_t = self._key(name, sources), self._key(f"{name}-T", sources)
+        array, twin = self._load(key), self._load(key_t)
+        if array is None or twin is None:
+            data = build()
+            array = self._save(name, key, data.shape, data.dtype, lambda out: np.copyto(out, data))
+            twin = self._save(f"{name}-T", key_t, data.shape[::-1], data.dtype, lambda out: np.copyto(out, data.T))
+        return array, twin
 
 
 def collate_chips(data):
@@ -212,13 +351,23 @@ def collate_chips(data):
     return torch.utils.data.default_collate(data)
 
 
+@dataclass
+class _Batch:
+    inputs: np.ndarray
+    base: np.ndarray
+    target: np.ndarray
+    valid: np.ndarray
+    scale: np.ndarray
+
+
 class ChipDataset(Dataset):
     """Chips of one or more scenes for training (random, augmented) or validation (fixed grid).
 
     Each item is a dict of tensors: ``inputs`` (C, H, W), ``base`` (1, H, W) metres, ``scale``
     (1, 1, 1), ``target`` (T, H, W) metres and ``valid`` (T, H, W) — pixels valid in the inputs
-    and in each truth, the only ones the loss sees. Training chips get a random flip, 90°
-    rotation and (``swap_images``) a swap of the two orthoimages.
+    and in each truth, the only ones the loss sees. Inputs and base equal :func:`normalise_chip`
+    of the same pixels. Training chips get a random flip, 90° rotation and (``swap_images``) a
+    swap of the two orthoimages; chip ``i`` of epoch ``e`` is the same in every process.
     """
 
     def __init__(
@@ -241,6 +390,7 @@ class ChipDataset(Dataset):
             (self.bands.index("ortho_left"), self.bands.index("ortho_right"))
             if swap_images and {"ortho_left", "ortho_right"} <= set(self.bands) else None
         )
+        self._draws: tuple[int, np.ndarray] | None = None
         if mode == "val":
             stride = chip_size // 2
             self.positions = [
@@ -261,46 +411,87 @@ class ChipDataset(Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def _epoch_draws(self) -> np.ndarray:
+        """(samples, 6) scene, row, col, rotation, mirror, image swap of every chip of this epoch.
+
+        One generator per (seed, epoch), drawn for all chips at once: a generator per chip cost
+        more than copying the chip. The swap is drawn always, so the same chips come whether
+        swapping is on or off.
+        """
+        if self._draws is None or self._draws[0] != self.epoch:
+            rng = np.random.default_rng((self.seed, self.epoch))
+            n, size = self.samples, self.chip_size
+            scene = rng.choice(len(self.scenes), size=n, p=self.scene_weights)
+            row0 = np.array([r.row0 for r in self.regions])[scene]
+            col0 = np.array([r.col0 for r in self.regions])[scene]
+            rows = np.array([r.height - size + 1 for r in self.regions])[scene]
+            cols = np.array([r.width - size + 1 for r in self.regions])[scene]
+            position = rng.random((n, 2))
+            table = np.stack([
+                scene, row0 + (position[:, 0] * rows).astype(int), col0 + (position[:, 1] * cols).astype(int),
+                rng.integers(4, size=n), rng.integers(2, size=n), rng.integers(2, size=n),
+            ], axis=1)
+            self._draws = (self.epoch, table)
+        return self._draws[1]
+
     def _draw(self, index: int) -> tuple[int, int, int, int, bool, bool]:
         """Scene, row, col, rotation, mirror and image swap of chip ``index`` (deterministic)."""
-        size = self.chip_size
         if self.mode == "val":
             scene_index, row, col = self.positions[index]
             return scene_index, row, col, 0, False, False
-        rng = np.random.default_rng((self.seed, self.epoch, index))
-        scene_index = int(rng.choice(len(self.scenes), p=self.scene_weights))
-        region = self.regions[scene_index]
-        row = region.row0 + int(rng.integers(region.height - size + 1))
-        col = region.col0 + int(rng.integers(region.width - size + 1))
-        swap = bool(rng.integers(2))  # drawn always: the same chips whether swapping is on or off
-        return scene_index, row, col, int(rng.integers(4)), bool(rng.integers(2)), swap
+        scene_index, row, col, k, flip, swap = (int(v) for v in self._epoch_draws()[index])
+        return scene_index, row, col, k, bool(flip), bool(swap)
 
     def __getitems__(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
-        """A whole batch, written straight into its tensors (use with :func:`collate_chips`)."""
+        """A whole batch, written straight into its tensors (use with :func:`collate_chips`).
+
+        Per chip, each array is copied once from its memory map, already in the chip's
+        orientation (see :meth:`SceneArrays.copy_chip`); the DSM's normalisation (as
+        :func:`normalise_into`) and the valid mask are then computed while the chip is in cache.
+        """
         n, size = len(indices), self.chip_size
         n_targets = len(self.scenes[0].target_bands)
-        inputs = np.empty((n, len(self.bands), size, size), dtype=np.float32)
-        base = np.empty((n, 1, size, size), dtype=np.float32)
-        target = np.empty((n, n_targets, size, size), dtype=np.float32)
-        valid = np.empty((n, n_targets, size, size), dtype=bool)
-        scale = np.empty((n, 1, 1, 1), dtype=np.float32)
-        bands = list(self.bands)
-        for slot, index in enumerate(indices):
-            scene_index, row, col, k, flip, swap = self._draw(index)
+        batch = _Batch(
+            inputs=np.empty((n, len(self.bands), size, size), dtype=np.float32),
+            base=np.empty((n, 1, size, size), dtype=np.float32),
+            target=np.empty((n, n_targets, size, size), dtype=np.float32),
+            valid=np.empty((n, n_targets, size, size), dtype=bool),
+            scale=np.empty((n, 1, 1, 1), dtype=np.float32),
+        )
+        self._fill(batch, range(n), indices)
+        return {"inputs": torch.from_numpy(batch.inputs), "base": torch.from_numpy(batch.base),
+                "scale": torch.from_numpy(batch.scale), "target": torch.from_numpy(batch.target),
+                "valid": torch.from_numpy(batch.valid)}
+
+    def _fill(self, batch: "_Batch", slots: Sequence[int], indices: Sequence[int]) -> None:
+        """Write the chips of ``slots`` (positions in the batch) into ``batch``."""
+        size = self.chip_size
+        dsm_channel = self.bands.index("dsm") if "dsm" in self.bands else None
+        for slot in slots:
+            scene_index, row, col, k, flip, swap = self._draw(indices[slot])
             data = self.scenes[scene_index]
-            stack = data.chip(row, col, size, k, flip)
-            if swap and self.swap_channels is not None:
-                # Left and right play the same role: swapping them is a free, physically valid sample.
-                stack["ortho_left"], stack["ortho_right"] = stack["ortho_right"], stack["ortho_left"]
-            chip_valid = normalise_into(stack, bands, data.scale, data.fallback_mean, inputs[slot], base[slot, 0])
-            for t, band in enumerate(data.target_bands):
-                np.copyto(target[slot, t], stack[band])
-                missing = np.isnan(target[slot, t])
-                np.logical_and(chip_valid, ~missing, out=valid[slot, t])
-                np.copyto(target[slot, t], 0.0, where=missing)
-            scale[slot] = data.scale
-        return {"inputs": torch.from_numpy(inputs), "base": torch.from_numpy(base), "scale": torch.from_numpy(scale),
-                "target": torch.from_numpy(target), "valid": torch.from_numpy(valid)}
+            mean = np.float32(data.dsm_mean(row, col, size))
+            base, target = batch.base[slot], batch.target[slot]
+            data.copy_chip("dsm", row, col, size, k, flip, base[0])
+            base -= mean
+            for channel, band in enumerate(self.bands):
+                if channel == dsm_channel:
+                    continue
+                if swap and self.swap_channels is not None and band in ("ortho_left", "ortho_right"):
+                    # Left and right play the same role: swapping them is a free, physically valid sample.
+                    band = "ortho_right" if band == "ortho_left" else "ortho_left"
+                data.copy_chip(band, row, col, size, k, flip, batch.inputs[slot, channel])
+            for t, truth in enumerate(data.target_bands):
+                data.copy_chip(truth, row, col, size, k, flip, target[t])
+            # No DSM data -> the chip mean (0 once centred); NaN in a target -> not valid.
+            torch.from_numpy(base).nan_to_num_(0.0)
+            if dsm_channel is not None:
+                np.multiply(base[0], np.float32(1.0 / data.scale), out=batch.inputs[slot, dsm_channel])
+            base += mean
+            np.isnan(target, out=batch.valid[slot])
+            np.logical_not(batch.valid[slot], out=batch.valid[slot])
+            torch.from_numpy(target).nan_to_num_(0.0)
+            batch.scale[slot] = data.scale
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         return {key: value[0] for key, value in self.__getitems__([index]).items()}
