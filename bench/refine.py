@@ -262,6 +262,8 @@ def main() -> int:
         rows.append(row)
         print(f"round {i + 1}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items()), flush=True)
     med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+    lo = {k: min(r[k] for r in rows) for k in rows[0]}
+    hi = {k: max(r[k] for r in rows) for k in rows[0]}
 
     mem = {"small": rss(scene_dir, work / "rss_small.tif", 0)}
     print(f"rss {args.size}²: {mem['small']}", flush=True)
@@ -284,12 +286,20 @@ def main() -> int:
         f"Medians of {args.rounds} rounds; in each round the pipelines run one after the other and "
         f"the ratios are taken within the round.",
         "",
-        "| pipeline | scene Mpx/s | ours ÷ it (time ratio) |",
-        "|---|---:|---:|",
-        f"| ours: `refine` end to end (COG with overviews) | {med['ours']:.3f} | 1 |",
-        f"| bare forward, the chips `refine` runs ({with_halo}, block halos included) | {med['fwd_halo']:.3f} | {med['r_fwd_halo']:.2f} |",
-        f"| bare forward, the unique chip grid ({unique}) | {med['fwd_unique']:.3f} | {med['r_fwd_unique']:.2f} |",
-        f"| DeepDEM-style: 50 % overlap, fp32 batch 1, GeoTIFF per chip, `rasterio.merge` | {med['deepdem']:.3f} | {med['r_deep']:.2f} |",
+        "| pipeline | scene Mpx/s | ours ÷ it (time ratio) | ratio, min–max of the rounds |",
+        "|---|---:|---:|---:|",
+        f"| ours: `refine` end to end (COG with overviews) | {med['ours']:.3f} | 1 | |",
+        f"| bare forward, the chips `refine` runs ({with_halo}, block halos included) | {med['fwd_halo']:.3f} | "
+        f"{med['r_fwd_halo']:.2f} | {lo['r_fwd_halo']:.2f}–{hi['r_fwd_halo']:.2f} |",
+        f"| bare forward, the unique chip grid ({unique}) | {med['fwd_unique']:.3f} | {med['r_fwd_unique']:.2f} | "
+        f"{lo['r_fwd_unique']:.2f}–{hi['r_fwd_unique']:.2f} |",
+        f"| DeepDEM-style: 50 % overlap, fp32 batch 1, GeoTIFF per chip, `rasterio.merge` | {med['deepdem']:.3f} | "
+        f"{med['r_deep']:.2f} | {lo['r_deep']:.2f}–{hi['r_deep']:.2f} |",
+        "",
+        f"Block halos: a chip row or column crossing a block boundary runs for both blocks "
+        f"({with_halo - unique} of {with_halo} chips here), the price of blocks computed from the scene alone "
+        f"(resume and Dask give the same bytes). The rest of ours ÷ forward is reading and normalising "
+        f"the 6 bands, blending, and writing the COG with overviews; on the CPU the model already uses every core.",
         "",
     ]
     if args.big:

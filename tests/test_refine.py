@@ -169,7 +169,11 @@ def test_output_is_a_cloud_optimised_geotiff_on_the_scene_grid(multi_block_scene
         assert (src.crs, src.transform, src.shape) == (multi_block_scene.crs, multi_block_scene.transform, (600, 530))
         assert src.nodata == FLOAT_NODATA and src.dtypes == ("float32",)
         data = src.read(1)
+        overview = src.read(1, out_shape=(300, 265))  # served by the overview level
     mask = multi_block_scene.read("nodata_mask") > 0
+    heights = multi_block_scene.read("dsm")[mask]
+    averaged = overview[overview != FLOAT_NODATA]
+    assert averaged.size > 0.9 * 300 * 265 and heights.min() <= averaged.min() and averaged.max() <= heights.max()
     assert (data[~mask] == FLOAT_NODATA).all() and (~mask).sum() == 30 * 40 + 20 * 20
     np.testing.assert_array_equal(data[mask], multi_block_scene.read("dsm")[mask])
     assert not list(tmp_path.glob(".*"))  # no work file or journal left behind
@@ -193,6 +197,22 @@ def test_block_chips_are_normalised_like_normalise_chip(multi_block_scene):
     for i, (r, c) in enumerate((r, c) for r in rows for c in cols):
         expected = normalise_chip({b: a[r : r + chip, c : c + chip] for b, a in arrays.items()}, BANDS, scale).inputs
         np.testing.assert_allclose(chips[i], expected, atol=2e-5)
+
+
+def test_one_refiner_shared_by_threads_gives_the_sequential_blocks(multi_block_scene):
+    """A threaded Dask worker runs several blocks on its one refiner at once: no shared scratch."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    chip, scale = 64, multi_block_scene.scale_factor(64)
+    settings = refine_module.RefineSettings(bands=tuple(BANDS), chip=chip, stride=48, overlap=0.25, scale=scale,
+                                            fallback_mean=0.0, block_size=256, batch_size=4, bf16=False)
+    refiner = refine_module.BlockRefiner(random_task(seed=3), multi_block_scene, settings)
+    blocks = refine_module.plan_blocks(multi_block_scene.shape, 256)
+    sequential = [refiner.refine_block(b) for b in blocks]
+    with ThreadPoolExecutor(3) as pool:
+        threaded = list(pool.map(refiner.refine_block, blocks))
+    for a, b in zip(sequential, threaded):
+        np.testing.assert_array_equal(a, b)
 
 
 class _Blur(torch.nn.Module):

@@ -39,29 +39,47 @@ class NormalisedChip:
 
 def normalise_into(
     stack: dict[str, np.ndarray], bands: Sequence[str], scale: float, fallback_mean: float,
-    inputs: np.ndarray, base: np.ndarray,
-) -> np.ndarray:
+    inputs: np.ndarray, base: np.ndarray | None, centre: float | None = None,
+) -> tuple[np.ndarray, np.ndarray, float]:
     """Write the network's input channels into ``inputs`` (C, H, W) and the base into ``base``.
 
-    Works on views (flipped/rotated memory-map slices) and writes each output value once, so a
-    batch is assembled without intermediate copies. Returns the valid-pixel mask.
+    Writes each output value once (``base`` may be None when only the inputs are wanted).
+    ``centre`` replaces the chip mean as the height the DSM channel is centred on (refine
+    normalises a whole block around one height, then moves each chip to its own mean).
+    Returns the valid-pixel mask, the DSM's valid-pixel mask and the chip mean (or ``centre``).
     """
     dsm = stack["dsm"]
-    dsm_valid = ~np.isnan(dsm)  # NaN is the only no-data value in a Scene array
-    count = int(np.count_nonzero(dsm_valid))
-    mean = float(np.sum(dsm, where=dsm_valid, dtype=np.float64) / count) if count else fallback_mean
+    dsm_missing = np.isnan(dsm)  # NaN is the only no-data value in a Scene array
+    count = dsm_missing.size - int(np.count_nonzero(dsm_missing))
+    if centre is not None:
+        mean = float(centre)
+    elif count:
+        mean = float(np.add.reduce(np.where(dsm_missing, np.float32(0.0), dsm), axis=None, dtype=np.float64) / count)
+    else:
+        mean = fallback_mean
     for channel, band in zip(inputs, bands):
-        if band == "dsm":
-            np.subtract(dsm, mean, out=channel)
-            channel *= 1.0 / scale
-            np.copyto(channel, 0.0, where=~dsm_valid)
-        else:
-            np.copyto(channel, stack[band])
-            if band != "nodata_mask":
-                np.copyto(channel, BANDS[band].fill, where=np.isnan(channel))
-    np.copyto(base, dsm)
-    np.copyto(base, mean, where=~dsm_valid)
-    return dsm_valid & (stack["nodata_mask"] > 0) if "nodata_mask" in stack else dsm_valid
+        normalise_band_into(band, stack[band], channel, scale, mean, dsm_missing if band == "dsm" else None)
+    if base is not None:
+        np.copyto(base, dsm)
+        np.putmask(base, dsm_missing, np.float32(mean))
+    dsm_valid = ~dsm_missing
+    valid = dsm_valid & (stack["nodata_mask"] > 0) if "nodata_mask" in stack else dsm_valid
+    return valid, dsm_valid, mean
+
+
+def normalise_band_into(
+    band: str, values: np.ndarray, channel: np.ndarray, scale: float, centre: float, missing: np.ndarray | None = None,
+) -> None:
+    """One band's input channel (see the module's docstring); ``centre`` is the DSM's chip mean,
+    ``missing`` the DSM's no-data pixels when already known."""
+    if band == "dsm":
+        np.subtract(values, np.float32(centre), out=channel)
+        channel *= np.float32(1.0 / scale)
+        np.putmask(channel, np.isnan(values) if missing is None else missing, np.float32(0.0))
+    else:
+        np.copyto(channel, values)
+        if band != "nodata_mask":
+            np.putmask(channel, np.isnan(channel), np.float32(BANDS[band].fill))
 
 
 def normalise_chip(
@@ -71,7 +89,7 @@ def normalise_chip(
     height, width = stack["dsm"].shape
     inputs = np.empty((len(bands), height, width), dtype=np.float32)
     base = np.empty((height, width), dtype=np.float32)
-    valid = normalise_into(stack, bands, scale, fallback_mean, inputs, base)
+    valid, _, _ = normalise_into(stack, bands, scale, fallback_mean, inputs, base)
     return NormalisedChip(inputs=inputs, base=base, valid=valid)
 
 

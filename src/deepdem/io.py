@@ -23,14 +23,17 @@ from .errors import InputError
 # ASP (and GDAL's float32 "no data" convention) writes the most negative float32 as nodata.
 FLOAT32_MIN = float(np.finfo(np.float32).min)
 
+#: ZSTD (level 9) + predictor: as small as DEFLATE level 6 on DSMs, images and NDVI, and decodes
+#: 2-3x faster, which matters because refine decodes every band of the scene while the model runs.
+#: Any GDAL since 2.3 built with zstd reads it (rasterio's wheels, conda, QGIS, Debian).
 GTIFF_PROFILE = dict(
     driver="GTiff",
     tiled=True,
     blockxsize=256,
     blockysize=256,
-    compress="deflate",
+    compress="zstd",
     predictor=3,
-    zlevel=6,
+    zstd_level=9,
     BIGTIFF="IF_SAFER",
 )
 
@@ -91,14 +94,25 @@ def valid_mask(data: np.ndarray, nodata: float | None) -> np.ndarray:
     Values at or below float32-min are treated as nodata even when undeclared, because ASP
     DEMs sometimes lose their nodata tag in conversions while keeping the sentinel.
     """
+    return ~invalid_mask(data, nodata)
+
+
+def invalid_mask(data: np.ndarray, nodata: float | None) -> np.ndarray:
+    """The complement of :func:`valid_mask`, in as few passes over ``data`` as it takes.
+
+    ``not data > float32-min`` is one comparison that catches NaN, −inf and the ASP sentinel
+    at once (refine runs this on every band of the scene while the model runs).
+    """
     data = np.asarray(data)
     if not np.issubdtype(data.dtype, np.floating):
-        mask = np.ones(data.shape, dtype=bool)
+        invalid = np.zeros(data.shape, dtype=bool)
     else:
-        mask = np.isfinite(data) & (data > FLOAT32_MIN * 0.999)
+        invalid = np.logical_not(data > FLOAT32_MIN * 0.999)
+        invalid |= data == np.inf
     if nodata is not None and not (isinstance(nodata, float) and np.isnan(nodata)):
-        mask &= data != nodata
-    return mask
+        if not np.issubdtype(data.dtype, np.floating) or nodata > FLOAT32_MIN * 0.999:
+            invalid |= data == nodata
+    return invalid
 
 
 def write_raster(

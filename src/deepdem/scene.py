@@ -35,7 +35,7 @@ from rasterio.windows import Window
 
 from . import __version__
 from .errors import InputError
-from .io import atomic_directory, valid_mask, write_raster
+from .io import atomic_directory, invalid_mask, write_raster
 
 SCENE_FORMAT = "deepdem-scene"
 SCENE_VERSION = 1
@@ -282,12 +282,16 @@ class Scene:
         The mask band is returned as 0/1 float32 with no NaNs.
         """
         with rasterio.open(self.band_path(band)) as src:
-            data = src.read(1, window=window, boundless=window is not None, fill_value=src.nodata or 0)
+            # Boundless reads go through a VRT (~1.6x slower): only for windows that leave the raster.
+            outside = window is not None and (
+                window.col_off < 0 or window.row_off < 0
+                or window.col_off + window.width > src.width or window.row_off + window.height > src.height)
+            data = src.read(1, window=window, boundless=outside, fill_value=src.nodata or 0)
             nodata = src.nodata
         if BANDS.get(band, BANDS["dsm"]).kind == "mask":
             return data.astype(np.float32)
-        data = data.astype(np.float32)
-        data[~valid_mask(data, nodata)] = np.nan
+        data = data.astype(np.float32, copy=False)  # a fresh array from rasterio: no copy needed
+        np.putmask(data, invalid_mask(data, nodata), np.float32(np.nan))
         return data
 
     def read_stack(self, bands: Iterable[str], window: Window | None = None) -> dict[str, np.ndarray]:
