@@ -8,12 +8,11 @@ In one run, on the same generated scene and the same (untrained, resnet18 UNet, 
                chip grid;
   * deepdem  - a DeepDEM-style pipeline: a 50 %-overlap chip grid, one float32 forward per chip
                (batch 1), one GeoTIFF per chip, merged with ``rasterio.merge`` (first wins);
-  * peak RSS - of a fresh process refining a 4096² and a 16384² scene (the latter on its first
-               ``--rss-blocks`` blocks only: a full CPU refine of 268 Mpx takes too long), and of
-               the final COG conversion of a 16384² raster (a process without torch).
+  * peak RSS - of a fresh process refining a 4096² and a 16384² scene end to end (COG and its
+               overviews included; ``--rss-blocks N`` stops both after N blocks, for a quick look).
 Speeds are scene Mpx per second; the ratios are taken side by side in each round.
 
-Usage:  python bench/refine.py [--size 4096] [--rounds 3] [--big 16384] [--no-write]
+Usage:  python bench/refine.py [--size 4096] [--rounds 3] [--big 16384] [--rss-blocks 0] [--no-write]
 Writes/updates the "## Refine" section of BENCHMARKS.md at the repository root.
 """
 
@@ -51,6 +50,7 @@ def tile_scene(tile_dir: Path, out: Path, size: int) -> Path:
     from rasterio.windows import Window
 
     from deepdem.io import GTIFF_PROFILE
+    from deepdem.scene import BANDS as SPECS
     from deepdem.scene import MANIFEST, Scene
 
     tile = Scene.open(tile_dir)
@@ -64,9 +64,7 @@ def tile_scene(tile_dir: Path, out: Path, size: int) -> Path:
         with rasterio.open(tile.band_path(band)) as src:
             data, profile, description = src.read(1), src.profile, src.descriptions[0]
         # The same tiling and compression as the scenes 'prepare' writes (deepdem.io.GTIFF_PROFILE).
-        profile.update(GTIFF_PROFILE, height=size, width=size, BIGTIFF="YES")
-        if profile["dtype"] != "float32":
-            profile["predictor"] = 2
+        profile.update(GTIFF_PROFILE, height=size, width=size, BIGTIFF="YES", predictor=SPECS[band].predictor)
         row = np.tile(data, (1, -(-size // tw)))[:, :size]
         with rasterio.open(out / f"{band}.tif", "w", **profile) as dst:
             dst.set_band_description(1, description or band)
@@ -208,13 +206,6 @@ print(json.dumps({{"rss_mb": hwm(),
                   "blocks": len(done), "seconds": time.perf_counter() - t0}}))
 """
 
-COG_CHILD = HWM + r"""
-import json, rasterio.shutil
-rasterio.shutil.copy({src!r}, {dst!r}, driver="COG", **{options!r})
-print(json.dumps({{"rss_mb": hwm()}}))
-"""
-
-
 def child(code: str) -> dict:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -231,14 +222,13 @@ def main() -> int:
     parser.add_argument("--size", type=int, default=4096)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--big", type=int, default=16384, help="scene size for the RSS comparison (0: skip)")
-    parser.add_argument("--rss-blocks", type=int, default=6, help="blocks refined at the big size")
+    parser.add_argument("--rss-blocks", type=int, default=0, help="stop the RSS runs after N blocks (0: refine all)")
     parser.add_argument("--work", default=None, help="work directory (default: a temporary one)")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
 
     import torch
 
-    from deepdem.refine import COG_OPTIONS
     from deepdem.scene import Scene
 
     work = Path(args.work or tempfile.mkdtemp(prefix="deepdem_bench_refine_"))
@@ -265,15 +255,13 @@ def main() -> int:
     lo = {k: min(r[k] for r in rows) for k in rows[0]}
     hi = {k: max(r[k] for r in rows) for k in rows[0]}
 
-    mem = {"small": rss(scene_dir, work / "rss_small.tif", 0)}
+    mem = {"small": rss(scene_dir, work / "rss_small.tif", args.rss_blocks)}
     print(f"rss {args.size}²: {mem['small']}", flush=True)
     if args.big:
         big = tile_scene(tile, work / f"scene_{args.big}", args.big)
-        mem["small_k"] = rss(scene_dir, work / "rss_small_k.tif", args.rss_blocks)
-        mem["big_k"] = rss(big, work / "rss_big.tif", args.rss_blocks)
-        mem["cog_big"] = child(COG_CHILD.format(src=str(big / "dsm.tif"), dst=str(work / "cog_big.tif"),
-                                                 options=COG_OPTIONS))
-        print(f"rss: {mem}", flush=True)
+        mem["big"] = rss(big, work / "rss_big.tif", args.rss_blocks)
+        print(f"rss {args.big}²: {mem['big']}", flush=True)
+        (work / "rss_big.tif").unlink(missing_ok=True)
 
     env = (f"Machine: {platform.machine()}, {len(__import__('os').sched_getaffinity(0))} cores (shared); "
            f"Python {platform.python_version()}, torch {torch.__version__}.")
@@ -303,15 +291,14 @@ def main() -> int:
         "",
     ]
     if args.big:
-        ratio = mem["big_k"]["rss_mb"] / mem["small_k"]["rss_mb"]
+        ratio = mem["big"]["rss_mb"] / mem["small"]["rss_mb"]
+        scope = (f"the first {args.rss_blocks} blocks of each" if args.rss_blocks
+                 else "each scene refined end to end, COG and overviews included")
         lines += [
-            f"Peak RSS (fresh process, model included): {args.size}² full refine incl. COG "
-            f"{mem['small']['rss_mb']:.0f} MB; first {args.rss_blocks} blocks: {args.size}² "
-            f"{mem['small_k']['rss_mb']:.0f} MB, {args.big}² {mem['big_k']['rss_mb']:.0f} MB "
-            f"(ratio {ratio:.3f}); COG conversion of a {args.big}² float32 raster: "
-            f"{mem['cog_big']['rss_mb']:.0f} MB. (At {args.big}² only the first {args.rss_blocks} blocks are "
-            f"refined: a full CPU refine of {args.big ** 2 / 1e6:.0f} Mpx would take too long; the blocks are "
-            f"all the same size, so memory after {args.rss_blocks} blocks is the steady state.)",
+            f"Peak RSS (fresh process, model and libraries included; {scope}): {args.size}² "
+            f"{mem['small']['rss_mb']:.0f} MB, {args.big}² {mem['big']['rss_mb']:.0f} MB: "
+            f"ratio {ratio:.3f}, for {(args.big / args.size) ** 2:.0f}× the pixels "
+            f"({mem['big']['seconds']:.0f} s for the {args.big}² refine).",
             "",
         ]
     text = "\n".join(lines)

@@ -83,3 +83,13 @@ def test_opening_a_directory_that_is_not_a_scene_names_it(tmp_path):
         Scene.open(tmp_path)
     with pytest.raises(InputError, match="not found"):
         Scene.open(tmp_path / "missing")
+
+
+def test_bands_are_stored_with_the_predictor_of_their_kind(prepared_scene):
+    """Equalised images without a predictor, smooth fields with the floating-point one."""
+    expected = {"dsm": "3", "ortho_left": "1", "ortho_right": "1", "triangulation_error": "3", "ndvi": "3",
+                "nodata_mask": "2"}
+    for band, predictor in expected.items():
+        with rasterio.open(prepared_scene.band_path(band)) as src:
+            structure = src.tags(ns="IMAGE_STRUCTURE")
+        assert (band, structure.get("COMPRESSION"), structure.get("PREDICTOR", "1")) == (band, "ZSTD", predictor)

@@ -123,6 +123,7 @@ def write_raster(
     nodata: float | None = None,
     description: str | None = None,
     dtype: str | None = None,
+    predictor: int | None = None,
     overviews: bool = False,
     overview_resampling: str = "average",
 ) -> Path:
@@ -130,14 +131,17 @@ def write_raster(
 
     With ``overviews``, internal overviews are built (``overview_resampling``: "average" for
     continuous data, "nearest" for masks and classes) down to about 64 px, so QGIS and GDAL
-    display even a small raster without reading it whole.
+    display even a small raster without reading it whole. ``predictor`` overrides the TIFF
+    predictor (default: floating-point for floats, horizontal differencing for integers).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     array = np.asarray(array)
     dtype = dtype or str(array.dtype)
     profile = dict(GTIFF_PROFILE)
-    if not np.issubdtype(np.dtype(dtype), np.floating):
+    if predictor is not None:
+        profile["predictor"] = predictor
+    elif not np.issubdtype(np.dtype(dtype), np.floating):
         profile["predictor"] = 2
     height, width = array.shape
     if height < 256 or width < 256:

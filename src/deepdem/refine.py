@@ -64,6 +64,10 @@ JOURNAL_FORMAT = "deepdem-refine-journal-1"
 #: compression there costs as much CPU as a fifth of the model (measured at 4096²).
 WORK_PROFILE = dict(driver="GTiff", tiled=True, blockxsize=TILE, blockysize=TILE, BIGTIFF="YES",
                     interleave="band")
+#: GDAL's block cache (MB) for refine's final overview and COG steps. At GDAL's default, 5 % of
+#: RAM, those steps grew with the scene (1.25 GB more at 16384² than at 4096²) and ran 3-4x
+#: slower; they go through the raster window by window, so a small cache loses nothing.
+GDAL_CACHE_MB = 64
 #: DEFLATE level 1 (libdeflate) + floating-point predictor: 3 % larger than level 6, half the time.
 COG_OPTIONS = dict(COMPRESS="DEFLATE", LEVEL=1, PREDICTOR="YES", BLOCKSIZE=512, OVERVIEWS="AUTO",
                    RESAMPLING="AVERAGE", BIGTIFF="IF_SAFER", NUM_THREADS="ALL_CPUS")
@@ -553,21 +557,25 @@ def refine(
     unfinished = {b.index for b in blocks} - set(journal["done"])
     if unfinished:  # a guard: never publish an output with blocks missing
         raise RuntimeError(f"refine finished with {len(unfinished)} block(s) not written; rerun with resume")
-    _build_overviews(work)
-    with atomic_path(out) as tmp:
-        rasterio.shutil.copy(work, tmp, driver="COG", **COG_OPTIONS)
-    work.unlink(missing_ok=True)
-    journal_path.unlink(missing_ok=True)
+    # GDAL's block cache bounded (see GDAL_CACHE_MB) for the whole-raster steps. Not around the
+    # block loop: its reads close their files (and free their cached tiles) block by block,
+    # and an active rasterio.Env there slowed refine by 3 %.
+    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB):
+        _build_overviews(work)
+        with atomic_path(out) as tmp:
+            rasterio.shutil.copy(work, tmp, driver="COG", **COG_OPTIONS)
+        work.unlink(missing_ok=True)
+        journal_path.unlink(missing_ok=True)
 
-    from . import products
+        from . import products
 
-    stem = out.with_suffix("")
-    if hillshade:
-        products.hillshade_raster(out, f"{stem}_hillshade.tif", multidirectional=hillshade == "multidirectional")
-    if slope:
-        products.slope_raster(out, f"{stem}_slope.tif")
-    if chm:
-        products.canopy_height_raster(out, out, f"{stem}_chm.tif", dsm_band=1, dtm_band=2)
+        stem = out.with_suffix("")
+        if hillshade:
+            products.hillshade_raster(out, f"{stem}_hillshade.tif", multidirectional=hillshade == "multidirectional")
+        if slope:
+            products.slope_raster(out, f"{stem}_slope.tif")
+        if chm:
+            products.canopy_height_raster(out, out, f"{stem}_chm.tif", dsm_band=1, dtm_band=2)
     return out
 
 

@@ -62,6 +62,14 @@ class BandSpec:
     def nodata(self) -> float | None:
         return None if self.kind == "mask" else FLOAT_NODATA
 
+    @property
+    def predictor(self) -> int:
+        """TIFF predictor on disk: horizontal differencing for the mask's integers, none for
+        equalised images, the floating-point predictor for smooth fields. On equalised images
+        (IGN orthophoto, generated scenes) the floating-point predictor made files 10 % larger
+        and decoded 1.5x slower; on DSMs it makes them 15-25 % smaller."""
+        return {"mask": 2, "image": 1}.get(self.kind, 3)
+
 
 BANDS: dict[str, BandSpec] = {
     spec.name: spec
@@ -346,7 +354,7 @@ def write_scene(
             # Tiled, compressed, with internal overviews (averaged for continuous bands, nearest
             # for masks) so that every band opens quickly in QGIS/GDAL.
             write_raster(tmp / f"{name}.tif", data, grid.transform, grid.crs, spec.nodata, spec.description,
-                         overviews=True, overview_resampling="nearest" if spec.kind == "mask" else "average")
+                         predictor=spec.predictor, overviews=True, overview_resampling="nearest" if spec.kind == "mask" else "average")
             manifest_bands[name] = {
                 "file": f"{name}.tif",
                 "kind": spec.kind,
