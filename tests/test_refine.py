@@ -91,13 +91,10 @@ def test_checkpoint_with_a_pickle_payload_is_refused_without_running(tmp_path, m
 
 # -- scene-scale refinement: streaming, seams, COG, resume, TTA, Dask ----------------------------
 
-from pathlib import Path  # noqa: E402
-
 from rasterio.transform import Affine  # noqa: E402
 
 import deepdem.refine as refine_module  # noqa: E402
 from deepdem.data import normalise_chip  # noqa: E402
-from deepdem.scene import Scene  # noqa: E402
 
 
 def random_task(seed=0, chip_size=64, **extra):

@@ -49,7 +49,7 @@ def test_scene_round_trip_keeps_crs_transform_and_nodata(tmp_path):
     grid = Grid(crs, transform, 96, 80)
     dsm = plane(grid.shape, 0.1)
     dsm[10:20, 10:20] = np.nan
-    scene = write_scene(tmp_path / "s", grid, {"dsm": dsm, "ortho_left": np.full(grid.shape, 0.5, np.float32)})
+    write_scene(tmp_path / "s", grid, {"dsm": dsm, "ortho_left": np.full(grid.shape, 0.5, np.float32)})
 
     reopened = Scene.open(tmp_path / "s")
     assert reopened.crs == crs
