@@ -39,32 +39,25 @@ class NormalisedChip:
 
 def normalise_into(
     stack: dict[str, np.ndarray], bands: Sequence[str], scale: float, fallback_mean: float,
-    inputs: np.ndarray, base: np.ndarray | None, centre: float | None = None,
-) -> tuple[np.ndarray, np.ndarray, float]:
+    inputs: np.ndarray, base: np.ndarray,
+) -> np.ndarray:
     """Write the network's input channels into ``inputs`` (C, H, W) and the base into ``base``.
 
-    Writes each output value once (``base`` may be None when only the inputs are wanted).
-    ``centre`` replaces the chip mean as the height the DSM channel is centred on (refine
-    normalises a whole block around one height, then moves each chip to its own mean).
-    Returns the valid-pixel mask, the DSM's valid-pixel mask and the chip mean (or ``centre``).
+    Writes each output value once. Returns the valid-pixel mask.
     """
     dsm = stack["dsm"]
     dsm_missing = np.isnan(dsm)  # NaN is the only no-data value in a Scene array
     count = dsm_missing.size - int(np.count_nonzero(dsm_missing))
-    if centre is not None:
-        mean = float(centre)
-    elif count:
+    if count:
         mean = float(np.add.reduce(np.where(dsm_missing, np.float32(0.0), dsm), axis=None, dtype=np.float64) / count)
     else:
         mean = fallback_mean
     for channel, band in zip(inputs, bands):
         normalise_band_into(band, stack[band], channel, scale, mean, dsm_missing if band == "dsm" else None)
-    if base is not None:
-        np.copyto(base, dsm)
-        np.putmask(base, dsm_missing, np.float32(mean))
+    np.copyto(base, dsm)
+    np.putmask(base, dsm_missing, np.float32(mean))
     dsm_valid = ~dsm_missing
-    valid = dsm_valid & (stack["nodata_mask"] > 0) if "nodata_mask" in stack else dsm_valid
-    return valid, dsm_valid, mean
+    return dsm_valid & (stack["nodata_mask"] > 0) if "nodata_mask" in stack else dsm_valid
 
 
 def normalise_band_into(
@@ -89,7 +82,7 @@ def normalise_chip(
     height, width = stack["dsm"].shape
     inputs = np.empty((len(bands), height, width), dtype=np.float32)
     base = np.empty((height, width), dtype=np.float32)
-    valid, _, _ = normalise_into(stack, bands, scale, fallback_mean, inputs, base)
+    valid = normalise_into(stack, bands, scale, fallback_mean, inputs, base)
     return NormalisedChip(inputs=inputs, base=base, valid=valid)
 
 

@@ -272,14 +272,14 @@ class BlockRefiner:
                 stack = dict(zip(self.needed, pool.map(read, self.needed)))
         else:
             stack = {band: read(band) for band in self.needed}
-        dsm, halo_mean = stack["dsm"], s.fallback_mean
+        dsm = stack["dsm"]
         dsm_valid = ~np.isnan(dsm)
         dsm0 = dsm.copy()
         np.putmask(dsm0, ~dsm_valid, np.float32(0.0))
         return dict(
             block=block, rows=rows, cols=cols, wr0=wr0, wc0=wc0, inputs=inputs, dsm=dsm,
             dsm_valid=dsm_valid, mask=stack["nodata_mask"], valid_f=dsm_valid.astype(np.float32),
-            dsm0=dsm0, halo_mean=halo_mean,
+            dsm0=dsm0,
         )
 
     def refine_block(self, block: Block, on_chips: Callable[[int], None] | None = None,
@@ -289,7 +289,8 @@ class BlockRefiner:
         height, width = self.scene.shape
         d = loaded if loaded is not None else self.load_block(block)
         rows, cols, wr0, wc0, inputs, dsm = d["rows"], d["cols"], d["wr0"], d["wc0"], d["inputs"], d["dsm"]
-        dsm_valid, valid_f, dsm0, halo_mean = d["dsm_valid"], d["valid_f"], d["dsm0"], d["halo_mean"]
+        dsm_valid, valid_f, dsm0 = d["dsm_valid"], d["valid_f"], d["dsm0"]
+        centre = s.fallback_mean  # the height load_block centred the DSM channel on
         dsm_channel = s.bands.index("dsm") if "dsm" in s.bands else None
 
         bh, bw = block.row1 - block.row0, block.col1 - block.col0
@@ -313,8 +314,8 @@ class BlockRefiner:
                 buffer[i] = inputs[:, y : y + chip, x : x + chip]
                 mean = _chip_mean(dsm0, valid_f, y, x, chip, s.fallback_mean)
                 means.append(mean)
-                if dsm_channel is not None and mean != halo_mean:
-                    np.multiply(valid_f[y : y + chip, x : x + chip], np.float32((halo_mean - mean) / s.scale), out=shift)
+                if dsm_channel is not None and mean != centre:
+                    np.multiply(valid_f[y : y + chip, x : x + chip], np.float32((centre - mean) / s.scale), out=shift)
                     buffer[i, dsm_channel] += shift
             residual = self._forward(buffer[: len(batch)])
             for (r, c), res, mean in zip(batch, residual, means):
