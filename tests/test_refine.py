@@ -4,6 +4,7 @@ import rasterio
 import torch
 from rasterio.crs import CRS
 from rasterio.transform import from_origin
+from rasterio.windows import Window
 
 from deepdem.data import grid_positions
 from deepdem.errors import CheckpointError
@@ -71,6 +72,8 @@ def test_checkpoint_whose_bands_the_scene_lacks_is_refused(tmp_path):
     scene = write_scene(tmp_path / "dsm_only", grid, {"dsm": np.full(grid.shape, 5.0, np.float32)})
     with pytest.raises(CheckpointError, match="dsm_only: scene lacks band\\(s\\) ortho_left"):
         refine(zero_residual_task(), scene, tmp_path / "out.tif", progress=False)
+    with pytest.raises(CheckpointError, match="lack 'dsm'"):
+        refine(zero_residual_task(bands=["ortho_left"]), scene, tmp_path / "out.tif", progress=False)
     assert not (tmp_path / "out.tif").exists()
 
 
@@ -194,6 +197,20 @@ def test_block_chips_are_normalised_like_normalise_chip(multi_block_scene):
     for i, (r, c) in enumerate((r, c) for r in rows for c in cols):
         expected = normalise_chip({b: a[r : r + chip, c : c + chip] for b, a in arrays.items()}, BANDS, scale).inputs
         np.testing.assert_allclose(chips[i], expected, atol=2e-5)
+
+
+def test_blocks_are_read_into_one_buffer_per_thread(multi_block_scene):
+    """On the CPU a thread loads a block, then runs it: every block reuses the same planes, so
+    no block pays the page faults of fresh 100-MB arrays."""
+    settings = refine_module.RefineSettings(bands=tuple(BANDS), chip=64, stride=48, overlap=0.25, scale=2.0,
+                                            fallback_mean=100.0, block_size=256, device="cpu")
+    refiner = refine_module.BlockRefiner(random_task(), multi_block_scene, settings)
+    first, second = (refiner.load_block(b, threads=2) for b in refine_module.plan_blocks(multi_block_scene.shape, 256)[:2])
+    assert np.shares_memory(first["inputs"], second["inputs"]) and np.shares_memory(first["dsm"], second["dsm"])
+    # Block 1 (rows 0-256, cols 256-512) with the chips overlapping it: rows 0-240 and columns
+    # 240-432 at the 48-px stride, and 466, the chip that ends on the scene's edge.
+    assert second["inputs"].shape == (len(BANDS), 240 + 64, 530 - 240)
+    np.testing.assert_array_equal(second["dsm"], multi_block_scene.read("dsm", Window(240, 0, 290, 304)))
 
 
 def test_one_refiner_shared_by_threads_gives_the_sequential_blocks(multi_block_scene):

@@ -78,6 +78,24 @@ def test_scene_windowed_read_past_the_edge_is_nodata(tmp_path):
     assert np.isfinite(window[:10, :10]).all() and np.isnan(window[10:, :]).all()
 
 
+def test_reading_into_a_buffer_fills_it_like_a_fresh_read(tmp_path):
+    """Refine reads bands into planes of one buffer: same values, NaN, padding and shape."""
+    grid = Grid(CRS.from_epsg(32610), from_origin(0, 100, 1, 1), 70, 70)
+    dsm = plane(grid.shape, 1.0)
+    dsm[5:9, 5:9] = np.nan
+    scene = write_scene(tmp_path / "s", grid, {"dsm": dsm, "ortho_left": np.full(grid.shape, 0.25, np.float32)})
+    buffer = np.full((2, 30, 30), 7.0, np.float32)
+    for band, plane_ in (("dsm", buffer[0]), ("nodata_mask", buffer[1])):
+        for window in (Window(0, 0, 30, 30), Window(50, 50, 30, 30)):  # inside, and past the edge
+            returned = scene.read(band, window, out=plane_)
+            assert returned is plane_ and plane_.shape == (30, 30)
+            np.testing.assert_array_equal(plane_, scene.read(band, window))
+    assert np.isnan(buffer[0]).sum() == 30 * 30 - 20 * 20  # the padding: the window's last read
+    assert buffer[1].sum() == 20 * 20
+    with pytest.raises(ValueError, match="float32"):
+        scene.read("dsm", Window(0, 0, 30, 30), out=np.empty((30, 30)))
+
+
 def test_opening_a_directory_that_is_not_a_scene_names_it(tmp_path):
     with pytest.raises(InputError, match="no scene.json"):
         Scene.open(tmp_path)

@@ -70,9 +70,12 @@ def normalise_band_into(
         channel *= np.float32(1.0 / scale)
         np.putmask(channel, np.isnan(values) if missing is None else missing, np.float32(0.0))
     else:
-        np.copyto(channel, values)
+        if values is not channel:  # refine reads bands straight into their channels
+            np.copyto(channel, values)
         if band != "nodata_mask":
-            np.putmask(channel, np.isnan(channel), np.float32(BANDS[band].fill))
+            missing = np.isnan(channel)
+            if missing.any():
+                np.putmask(channel, missing, np.float32(BANDS[band].fill))
 
 
 def normalise_chip(

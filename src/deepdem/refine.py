@@ -174,6 +174,9 @@ class BlockRefiner:
         self.window_weights = blend_window(settings.chip, overlap=settings.overlap)
         self.ramp = blend_ramp(settings.chip, overlap=settings.overlap).astype(np.float32)
         self.needed = list(dict.fromkeys([*settings.bands, "dsm", "nodata_mask"]))
+        # Block buffers per thread: two where a read-ahead thread loads the next block while
+        # this one runs (see _loaded_blocks), one where a thread loads a block and then runs it.
+        self.buffer_slots = 1 if self.device.type == "cpu" else 2
         # Per-thread scratch (pinned staging, input buffers): a threaded Dask worker may run
         # several blocks on one refiner at once.
         self._scratch = threading.local()
@@ -217,17 +220,18 @@ class BlockRefiner:
             weights = self._scratch.weights = torch.from_numpy(self.window_weights * np.float32(s.scale)).to(residual.device)
         return (residual * weights).cpu().numpy()
 
-    def _inputs_buffer(self, shape: tuple[int, ...]) -> np.ndarray:
-        """A (C, H, W) float32 array for a block's normalised inputs, from two reused buffers.
+    def _block_buffer(self, shape: tuple[int, ...]) -> np.ndarray:
+        """A float32 array for a block's planes, from this thread's reused buffers.
 
-        Fresh 100-MB arrays per block cost their page faults every time; two buffers in turn
-        suffice, as a thread has at most two blocks loaded at once (one computed, one read ahead).
+        A fresh 100-MB array per block costs its page faults every time (on a VM, as much as the
+        reading itself). One buffer per thread suffices where a thread loads a block and then
+        computes it; with a read-ahead thread (GPU), that thread alternates between two.
         """
         size = int(np.prod(shape))
         scratch = self._scratch
         if not hasattr(scratch, "buffers"):
-            scratch.buffers, scratch.turn = [None, None], 0
-        scratch.turn = 1 - scratch.turn
+            scratch.buffers, scratch.turn = [None] * self.buffer_slots, 0
+        scratch.turn = (scratch.turn + 1) % len(scratch.buffers)
         buffer = scratch.buffers[scratch.turn]
         if buffer is None or buffer.size < size:
             buffer = scratch.buffers[scratch.turn] = np.empty(size, np.float32)
@@ -245,6 +249,7 @@ class BlockRefiner:
     def load_block(self, block: Block, threads: int = 1) -> dict:
         """Read a block with its halo and normalise it (the I/O half of :meth:`refine_block`).
 
+        Every band is read straight into its plane of one reused buffer and normalised there.
         ``threads`` > 1 decodes and normalises the bands in parallel (GDAL and numpy release
         the GIL), for when nothing else needs the cores.
         """
@@ -254,33 +259,37 @@ class BlockRefiner:
         cols = _chip_starts(width, chip, s.stride, block.col0, block.col1)
         wr0, wc0 = rows[0], cols[0]
         halo = Window(wc0, wr0, cols[-1] + chip - wc0, rows[-1] + chip - wr0)
-        inputs = self._inputs_buffer((len(s.bands), rows[-1] + chip - wr0, cols[-1] + chip - wc0))
-        channels = {band: inputs[i] for i, band in enumerate(s.bands)}
+        # Planes: the input channels, the DSM in metres, and the mask when it is no input.
+        mask_is_input = "nodata_mask" in s.bands
+        planes = self._block_buffer((len(s.bands) + 2 - mask_is_input, int(halo.height), int(halo.width)))
+        inputs, dsm = planes[: len(s.bands)], planes[len(s.bands)]
+        channels = dict(zip(s.bands, inputs))
+        mask = channels["nodata_mask"] if mask_is_input else planes[-1]
+        dsm_missing = np.empty(dsm.shape, bool)
 
-        def read(band: str) -> np.ndarray:
-            # Read (boundless: pads scenes smaller than a chip) and normalise the band's channel
-            # for the whole halo at once. The DSM channel is centred on the scene's median height
-            # rather than the block's mean (no pass over the block for it; float32 keeps
-            # millimetres at any height a scene spans); each chip then moves it to its own mean.
-            values = self.scene.read(band, halo)
-            if band in channels:
-                normalise_band_into(band, values, channels[band], s.scale, s.fallback_mean)
-            return values
+        def read(band: str) -> None:
+            # Boundless reads pad scenes smaller than a chip. The DSM channel is centred on the
+            # scene's median height rather than the block's mean (no pass over the block for it;
+            # float32 keeps millimetres at any height a scene spans); each chip then moves it to
+            # its own mean.
+            if band == "dsm":
+                self.scene.read("dsm", halo, out=dsm)
+                np.isnan(dsm, out=dsm_missing)
+                normalise_band_into("dsm", dsm, channels["dsm"], s.scale, s.fallback_mean, dsm_missing)
+            else:
+                plane = channels.get(band, mask)  # the mask is the one band that may be no input
+                self.scene.read(band, halo, out=plane)
+                normalise_band_into(band, plane, plane, s.scale, s.fallback_mean)
 
         if threads > 1:
             with ThreadPoolExecutor(min(threads, len(self.needed))) as pool:
-                stack = dict(zip(self.needed, pool.map(read, self.needed)))
+                list(pool.map(read, self.needed))
         else:
-            stack = {band: read(band) for band in self.needed}
-        dsm = stack["dsm"]
-        dsm_valid = ~np.isnan(dsm)
-        dsm0 = dsm.copy()
-        np.putmask(dsm0, ~dsm_valid, np.float32(0.0))
-        return dict(
-            block=block, rows=rows, cols=cols, wr0=wr0, wc0=wc0, inputs=inputs, dsm=dsm,
-            dsm_valid=dsm_valid, mask=stack["nodata_mask"], valid_f=dsm_valid.astype(np.float32),
-            dsm0=dsm0,
-        )
+            for band in self.needed:
+                read(band)
+        dsm_valid = np.logical_not(dsm_missing, out=dsm_missing)
+        return dict(block=block, rows=rows, cols=cols, wr0=wr0, wc0=wc0, inputs=inputs, dsm=dsm,
+                    dsm_valid=dsm_valid, mask=mask)
 
     def refine_block(self, block: Block, on_chips: Callable[[int], None] | None = None,
                      loaded: dict | None = None) -> np.ndarray:
@@ -289,19 +298,13 @@ class BlockRefiner:
         height, width = self.scene.shape
         d = loaded if loaded is not None else self.load_block(block)
         rows, cols, wr0, wc0, inputs, dsm = d["rows"], d["cols"], d["wr0"], d["wc0"], d["inputs"], d["dsm"]
-        dsm_valid, valid_f, dsm0 = d["dsm_valid"], d["valid_f"], d["dsm0"]
-        centre = s.fallback_mean  # the height load_block centred the DSM channel on
-        dsm_channel = s.bands.index("dsm") if "dsm" in s.bands else None
+        dsm_valid = d["dsm_valid"]
+        dsm_channel = s.bands.index("dsm")
 
         bh, bw = block.row1 - block.row0, block.col1 - block.col0
-        n_t = len(s.targets)
-        res_sum = np.zeros((n_t, bh, bw), np.float32)
-        # The chips form a grid (row starts × column starts) and the window is separable, so the
-        # sum of the weights is the outer product of two 1-D sums.
-        w_sum = np.outer(self._weight_profile(rows, block.row0, block.row1, height),
-                         self._weight_profile(cols, block.col0, block.col1, width))
-        shift = np.empty((chip, chip), np.float32)
-        need_base = not dsm_valid[block.row0 - wr0 : block.row1 - wr0, block.col0 - wc0 : block.col1 - wc0].all()
+        res_sum = np.zeros((len(s.targets), bh, bw), np.float32)
+        inner = (slice(block.row0 - wr0, block.row1 - wr0), slice(block.col0 - wc0, block.col1 - wc0))
+        need_base = not dsm_valid[inner].all()
         base_sum = np.zeros((bh, bw), np.float32) if need_base else None
 
         positions = [(r, c) for r in rows for c in cols]
@@ -312,11 +315,17 @@ class BlockRefiner:
             for i, (r, c) in enumerate(batch):
                 y, x = r - wr0, c - wc0
                 buffer[i] = inputs[:, y : y + chip, x : x + chip]
-                mean = _chip_mean(dsm0, valid_f, y, x, chip, s.fallback_mean)
+                valid = dsm_valid[y : y + chip, x : x + chip]
+                count = np.count_nonzero(valid)
+                mean = s.fallback_mean  # the height load_block centred the DSM channel on
+                if count:
+                    # The channel is (DSM − centre) / scale, 0 where there is no DSM: its valid
+                    # mean is the offset that moves it to the chip's own mean.
+                    dsm_in = buffer[i, dsm_channel]
+                    offset = float(dsm_in.sum(dtype=np.float64)) / count
+                    np.subtract(dsm_in, np.float32(offset), out=dsm_in, where=valid)
+                    mean += offset * s.scale
                 means.append(mean)
-                if dsm_channel is not None and mean != centre:
-                    np.multiply(valid_f[y : y + chip, x : x + chip], np.float32((centre - mean) / s.scale), out=shift)
-                    buffer[i, dsm_channel] += shift
             residual = self._forward(buffer[: len(batch)])
             for (r, c), res, mean in zip(batch, residual, means):
                 # The part of the chip inside the block, in chip and in block coordinates.
@@ -329,13 +338,23 @@ class BlockRefiner:
             if on_chips:
                 on_chips(len(batch))
 
-        inner = (slice(block.row0 - wr0, block.row1 - wr0), slice(block.col0 - wc0, block.col1 - wc0))
-        block_dsm = dsm[inner]
-        residual = res_sum / w_sum
-        base = block_dsm if base_sum is None else np.where(np.isfinite(block_dsm), block_dsm, base_sum / w_sum)
-        refined = base[None] + residual
-        keep = np.ones((bh, bw), bool) if s.fill else d["mask"][inner] > 0
-        return np.where(keep[None] & np.isfinite(refined), refined, np.float32(FLOAT_NODATA)).astype(np.float32)
+        # The chips form a grid (row starts × column starts) and the window is separable, so
+        # the sum of the weights is the outer product of two 1-D sums: divide by each in turn.
+        inv_rows = (1.0 / self._weight_profile(rows, block.row0, block.row1, height)).astype(np.float32)
+        inv_cols = (1.0 / self._weight_profile(cols, block.col0, block.col1, width)).astype(np.float32)
+        res_sum *= inv_rows[:, None]
+        res_sum *= inv_cols
+        if base_sum is None:
+            res_sum += dsm[inner]
+        else:
+            base_sum *= inv_rows[:, None]
+            base_sum *= inv_cols
+            res_sum += np.where(dsm_valid[inner], dsm[inner], base_sum)
+        invalid = ~np.isfinite(res_sum)
+        if not s.fill:
+            invalid |= d["mask"][inner] <= 0
+        np.putmask(res_sum, invalid, np.float32(FLOAT_NODATA))
+        return res_sum
 
 
 # -- glibc's heap ---------------------------------------------------------------------------------
@@ -382,14 +401,6 @@ def steady_heap():
         if kept:
             libc.mallopt(_M_TRIM_THRESHOLD, 64 << 20)
             libc.malloc_trim(0)
-
-
-def _chip_mean(dsm0: np.ndarray, valid: np.ndarray, y: int, x: int, size: int, fallback: float) -> float:
-    """Valid-pixel mean of the DSM in one chip (``dsm0`` is 0 where the DSM has no data)."""
-    count = float(valid[y : y + size, x : x + size].sum(dtype=np.float64))
-    if count < 0.5:
-        return float(fallback)
-    return float(dsm0[y : y + size, x : x + size].sum(dtype=np.float64) / count)
 
 
 # -- model sharing for Dask workers ------------------------------------------------------------
@@ -488,6 +499,8 @@ def refine(
     out = Path(out)
     kwargs = task.model_kwargs
     bands, chip = list(kwargs["bands"]), int(kwargs["chip_size"])
+    if "dsm" not in bands:
+        raise CheckpointError(f"checkpoint bands {bands} lack 'dsm': deepdem models refine a DSM")
     missing = [b for b in bands if not scene.has(b)]
     if missing:
         raise CheckpointError(
