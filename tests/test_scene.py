@@ -94,6 +94,8 @@ def test_reading_into_a_buffer_fills_it_like_a_fresh_read(tmp_path):
     assert buffer[1].sum() == 20 * 20
     with pytest.raises(ValueError, match="float32"):
         scene.read("dsm", Window(0, 0, 30, 30), out=np.empty((30, 30)))
+    with pytest.raises(ValueError, match=r"dsm.tif: out has shape \(15, 15\), the window \(30, 30\)"):
+        scene.read("dsm", Window(0, 0, 30, 30), out=buffer[0, :15, :15])
 
 
 def test_opening_a_directory_that_is_not_a_scene_names_it(tmp_path):

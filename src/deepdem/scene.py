@@ -301,6 +301,9 @@ class Scene:
             if out is None:
                 data = src.read(1, window=window, boundless=outside, fill_value=src.nodata or 0)
             else:
+                expected = src.shape if window is None else (int(window.height), int(window.width))
+                if out.shape != expected:  # rasterio would resample the band to fit ``out``
+                    raise ValueError(f"{src.name}: out has shape {out.shape}, the window {expected}")
                 # A 3-D view: given a 2-D ``out``, rasterio reshapes the caller's array in place.
                 src.read([1], window=window, boundless=outside, fill_value=src.nodata or 0,
                          out=out[np.newaxis], out_dtype=np.float32)
