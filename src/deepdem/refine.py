@@ -500,7 +500,8 @@ def refine(
     kwargs = task.model_kwargs
     bands, chip = list(kwargs["bands"]), int(kwargs["chip_size"])
     if "dsm" not in bands:
-        raise CheckpointError(f"checkpoint bands {bands} lack 'dsm': deepdem models refine a DSM")
+        raise CheckpointError(f"checkpoint bands {bands} lack 'dsm': deepdem models refine a DSM",
+                              None if isinstance(checkpoint, DeepDEMRegressionTask) else checkpoint)
     missing = [b for b in bands if not scene.has(b)]
     if missing:
         raise CheckpointError(
