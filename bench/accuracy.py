@@ -23,7 +23,6 @@ from pathlib import Path
 
 import numpy as np
 import rasterio
-from lightning.pytorch.callbacks import Callback
 from rasterio.warp import Resampling, reproject
 
 from deepdem.evaluate import evaluate
@@ -34,6 +33,7 @@ from deepdem.train import TrainConfig, train
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _report import update_benchmarks  # noqa: E402
+from real_terrain import CpuBudget  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("DEEPDEM_DATA", REPO.parent / "shared" / "data"))
@@ -42,20 +42,6 @@ CONFIGS = {
     "ResDepth-UNet, stereo": dict(arch="ResDepth", bands=["dsm", "ortho_left", "ortho_right"]),
     "smp Unet-resnet18, all bands (DeepDEM)": dict(arch="Unet", encoder="resnet18", bands=None),
 }
-
-
-class CpuBudget(Callback):
-    """Stops training once the process has used ``seconds`` of CPU time since fit started."""
-
-    def __init__(self, seconds: float):
-        self.seconds = seconds
-
-    def on_fit_start(self, trainer, pl_module):
-        self.start = time.process_time()
-
-    def on_train_batch_end(self, trainer, *args):
-        if time.process_time() - self.start > self.seconds:
-            trainer.should_stop = True
 
 
 def real_terrain(size: int, resolution: float, east_offset_m: float) -> tuple[np.ndarray, str, tuple[float, float]]:

@@ -60,3 +60,22 @@ def test_demo_too_small_is_refused_before_writing(capsys, tmp_path):
     code, _, err = run(capsys, "demo", "--size", "100", "--chip-size", "64", "--out", str(tmp_path / "demo"))
     assert code == 2 and "needs at least 128 px" in err
     assert not (tmp_path / "demo").exists()
+
+
+def test_synth_from_a_lidar_truth_with_matched_errors(capsys, tmp_path):
+    from rasterio.transform import from_origin
+
+    from deepdem.io import write_raster
+
+    rng = np.random.default_rng(1)
+    heights = 30.0 + np.cumsum(rng.normal(0, 0.05, (96, 96)), axis=1).astype(np.float32)
+    transform = from_origin(500000.0, 5000000.0, 0.5, 0.5)
+    write_raster(tmp_path / "dsm.tif", heights, transform, "EPSG:32631", -9999.0, "dsm")
+    write_raster(tmp_path / "dtm.tif", heights, transform, "EPSG:32631", -9999.0, "dtm")
+    code, out, _ = run(capsys, "synth", "--truth-dsm", str(tmp_path / "dsm.tif"), "--truth-dtm", str(tmp_path / "dtm.tif"),
+                       "--errors", "sgbm", "--out", str(tmp_path / "run"))
+    assert code == 0 and "sgbm errors" in out
+    assert (tmp_path / "run" / "run-DEM.tif").exists()
+    code, _, err = run(capsys, "synth", "--errors", "sgbm", "--out", str(tmp_path / "gen"))
+    assert code == 2 and "needs a real truth" in err and err.strip().count("\n") == 0
+    assert not (tmp_path / "gen").exists()

@@ -84,3 +84,16 @@ def test_residual_is_added_to_the_dsm_in_metres():
         residual = task(batch["inputs"])
         heights = task.predict_heights(batch)
     np.testing.assert_allclose(heights.numpy(), (residual * 4.0 + 100.0).numpy(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["Unet", "ResDepth"])
+def test_identity_init_returns_the_input_dsm_until_trained(arch):
+    task = DeepDEMRegressionTask({"bands": ["dsm", "ortho_left"], "chip_size": 64, "arch": arch,
+                                  "identity_init": True}).eval()
+    batch = {"inputs": torch.randn(2, 2, 64, 64), "base": torch.full((2, 1, 64, 64), 100.0),
+             "scale": torch.full((2, 1, 1, 1), 4.0)}
+    with torch.no_grad():
+        assert torch.equal(task.predict_heights(batch), batch["base"])
+    random_head = DeepDEMRegressionTask({"bands": ["dsm", "ortho_left"], "chip_size": 64, "arch": arch}).eval()
+    with torch.no_grad():
+        assert (random_head.predict_heights(batch) - batch["base"]).abs().max() > 1e-3

@@ -73,3 +73,67 @@ def test_files_use_asp_names_and_nodata(synth_dir):
         assert src.crs.to_epsg() == 32610
     with rasterio.open(synth_dir / "ndvi.tif") as src, rasterio.open(synth_dir / "run-DEM.tif") as dem:
         assert src.res == (2 * dem.res[0], 2 * dem.res[1])  # coarser NDVI, resampled by prepare
+
+
+def _lidar_like_truth(tmp_path, size=128, resolution=0.5):
+    """A gridded-LIDAR-like truth: a gentle slope, a 9 m flat-roofed building, a rough tree
+    crown, and a patch without returns (water), written as dsm.tif/dtm.tif."""
+    from rasterio.transform import from_origin
+
+    from deepdem.io import write_raster
+
+    rng = np.random.default_rng(0)
+    rows, cols = np.mgrid[0:size, 0:size].astype(float)
+    dtm = 50.0 + 0.05 * cols * resolution
+    dsm = dtm.copy()
+    dsm[20:50, 20:60] = dtm[20:50, 20:60].max() + 9.0
+    crown = (rows - 90) ** 2 + (cols - 90) ** 2 < 15**2
+    dsm[crown] = dtm[crown] + 12.0 + rng.normal(0, 1.5, crown.sum())
+    dsm[100:120, 10:40] = np.nan
+    transform = from_origin(700000.0, 6600000.0, resolution, resolution)
+    for name, values in (("dsm", dsm), ("dtm", dtm)):
+        write_raster(tmp_path / f"{name}.tif", np.where(np.isfinite(values), values, -9999.0).astype(np.float32),
+                     transform, "EPSG:2154", -9999.0, name)
+    return dsm, dtm
+
+
+@pytest.mark.parametrize("errors", ["model", "sgbm"])
+def test_synth_from_lidar_keeps_the_truth_and_degrades_it(tmp_path, errors):
+    from deepdem.prepare import read_grid
+    from deepdem.synth import synth_from_lidar
+
+    dsm, dtm = _lidar_like_truth(tmp_path)
+    paths = synth_from_lidar(tmp_path / "run", tmp_path / "dsm.tif", tmp_path / "dtm.tif", errors=errors, seed=1)
+    grid, truth = read_grid(paths["truth_dsm"])
+    assert grid.crs.to_epsg() == 2154 and grid.shape == dsm.shape
+    np.testing.assert_allclose(truth, dsm.astype(np.float32), equal_nan=True)  # the truth is written unchanged
+    _, initial = read_grid(paths["dsm"])
+    _, tri = read_grid(paths["triangulation_error"])
+    error = initial - dsm
+    valid = np.isfinite(error)
+    assert np.isnan(initial[100:120, 10:40]).mean() > 0.9  # no LIDAR return: water, no match either
+    assert 0.02 < np.isnan(initial).mean() < 0.6
+    assert np.array_equal(np.isnan(tri), np.isnan(initial))
+    flat = valid & (dsm - dtm < 0.5)
+    flat[:, :8] = flat[:, -8:] = False
+    assert np.median(np.abs(error[flat])) < 1.0  # open ground: matching noise, not blunders
+    cover = rasterio.open(paths["dsm"].parent / "landcover.tif").read(1)
+    assert (cover[25:45, 25:55] == BUILDING).mean() > 0.8
+    assert (cover[85:95, 85:95] == TREE).mean() > 0.8
+
+
+def test_synth_from_lidar_refuses_mismatched_grids(tmp_path):
+    from rasterio.transform import from_origin
+
+    from deepdem.errors import InputError
+    from deepdem.io import write_raster
+    from deepdem.synth import synth_from_lidar
+
+    _lidar_like_truth(tmp_path)
+    write_raster(tmp_path / "small.tif", np.zeros((64, 64), np.float32), from_origin(700000.0, 6600000.0, 0.5, 0.5),
+                 "EPSG:2154", -9999.0, "dtm")
+    with pytest.raises(InputError, match="small.tif: DTM grid"):
+        synth_from_lidar(tmp_path / "run", tmp_path / "dsm.tif", tmp_path / "small.tif")
+    with pytest.raises(InputError, match="errors must be one of model, sgbm"):
+        synth_from_lidar(tmp_path / "run", tmp_path / "dsm.tif", tmp_path / "dsm.tif", errors="noise")
+    assert not (tmp_path / "run").exists()

@@ -1,10 +1,13 @@
+import json
+
 import numpy as np
 import pytest
 import torch
 
-from deepdem.data import ChipDataset, SceneArrays, normalise_chip, spatial_split
+from deepdem.data import ChipDataset, SceneArrays, fill_dsm_holes, normalise_chip, spatial_split
 from deepdem.errors import InputError
 from deepdem.models import DeepDEMRegressionTask, load_checkpoint
+from deepdem.scene import Scene
 from deepdem.train import train
 
 
@@ -53,6 +56,9 @@ def test_short_training_run_writes_a_checkpoint_refine_can_use(prepared_scene, t
     assert kwargs["chip_size"] == 64 and kwargs["target"] == "dsm"
     assert float(kwargs["GSF_DICT"]["64"]) == pytest.approx(prepared_scene.scale_factor(64))
     assert str(prepared_scene.path.resolve()) in kwargs["datapath"]
+    # defaults that transfer to unseen scenes: the training scale factor, filled holes, no hold-out
+    assert kwargs["scale_source"] == "checkpoint" and kwargs["dsm_holes"] == "idw"
+    assert kwargs["validation"] == "the training scenes (fit)"
     # DeepDEM users' API
     legacy = DeepDEMRegressionTask.load_from_checkpoint(result.checkpoint, map_location="cpu")
     assert legacy.model_kwargs["bands"] == kwargs["bands"]
@@ -60,8 +66,11 @@ def test_short_training_run_writes_a_checkpoint_refine_can_use(prepared_scene, t
 
 
 def test_scene_smaller_than_the_chip_is_refused_naming_the_largest_that_fits(prepared_scene, tmp_path):
-    with pytest.raises(InputError, match="largest chip size that fits: 64"):
+    with pytest.raises(InputError, match="largest chip size that fits: 128"):
         train([prepared_scene], tmp_path / "run", chip_size=256)
+    # with a hold-out stripe, the scene must hold two chips along its long axis
+    with pytest.raises(InputError, match="largest chip size that fits: 64"):
+        train([prepared_scene], tmp_path / "run", chip_size=128, holdout_fraction=0.2)
     assert not (tmp_path / "run").exists()
 
 
@@ -69,7 +78,7 @@ def test_chips_come_from_memory_maps_without_reopening_rasters(prepared_scene, m
     import rasterio
 
     bands = ["dsm", "ortho_left", "ortho_right", "nodata_mask"]
-    expected_dsm = prepared_scene.read("dsm")
+    expected_dsm = fill_dsm_holes(prepared_scene.read("dsm"))
     arrays = SceneArrays(prepared_scene, bands, ["dsm", "dtm"], 64)
     assert all(isinstance(a, np.memmap) for a in arrays.arrays.values())
 
@@ -201,6 +210,9 @@ def test_training_chips_equal_normalise_chip_of_the_same_rotated_pixels(prepared
     tr, _ = spatial_split(prepared_scene.shape, 64)
     dataset = ChipDataset([arrays], [tr], bands, 64, "train", samples=64, seed=4, swap_images=False)
     raw = {b: prepared_scene.read(b) for b in [*bands, "truth_dsm"]}
+    unfilled = raw["dsm"].copy()
+    raw["dsm"] = fill_dsm_holes(raw["dsm"])  # training and refine fill the holes before normalising
+    assert np.isnan(unfilled).sum() > 100 and not np.isnan(raw["dsm"]).any()
     orientations, holes = set(), 0
     for index in range(64):
         _, row, col, k, flip, _ = dataset._draw(index)
@@ -210,7 +222,7 @@ def test_training_chips_equal_normalise_chip_of_the_same_rotated_pixels(prepared
             chip = np.rot90(values[row : row + 64, col : col + 64], k)
             stack[band] = np.ascontiguousarray(chip[:, ::-1] if flip else chip)
         expected = normalise_chip(stack, bands, arrays.scale, arrays.fallback_mean)
-        holes += int(np.isnan(stack["dsm"]).sum())
+        holes += int(np.isnan(np.rot90(unfilled[row : row + 64, col : col + 64], k)).sum())
         item = dataset[index]
         np.testing.assert_allclose(item["inputs"].numpy(), expected.inputs, atol=2e-6)
         np.testing.assert_allclose(item["base"][0].numpy(), expected.base, atol=1e-4)
@@ -231,4 +243,37 @@ def test_scene_arrays_travel_to_worker_processes_as_maps_not_copies(prepared_sce
     copy = pickle.loads(payload)
     assert isinstance(copy.arrays["dsm"], np.memmap)
     np.testing.assert_array_equal(copy.view("truth_dsm", 5, 7, 64, 3, True), arrays.view("truth_dsm", 5, 7, 64, 3, True))
-    assert copy.dsm_mean(5, 7, 64) == arrays.dsm_mean(5, 7, 64) == pytest.approx(np.nanmean(prepared_scene.read("dsm")[5:69, 7:71]))
+    assert copy.dsm_mean(5, 7, 64) == arrays.dsm_mean(5, 7, 64) == pytest.approx(np.nanmean(fill_dsm_holes(prepared_scene.read("dsm"))[5:69, 7:71]))
+    unfilled = SceneArrays(prepared_scene, ["dsm", "nodata_mask"], "dsm", 64, fill_holes=False)
+    assert unfilled.dsm_mean(5, 7, 64) == pytest.approx(np.nanmean(prepared_scene.read("dsm")[5:69, 7:71]))
+
+
+def test_one_scale_factor_for_every_training_scene_and_a_validation_scene(prepared_scene, tmp_path):
+    """Two scenes of different relief train on their mean factor (what refine applies to an
+    unseen scene); --val-scene validates on a scene of its own instead of a hold-out."""
+    import shutil
+
+    other_path = tmp_path / "other"
+    shutil.copytree(prepared_scene.path, other_path, ignore=shutil.ignore_patterns(".cache"))
+    manifest = json.loads((other_path / "scene.json").read_text())
+    manifest["scale_factors"] = {k: 3 * v for k, v in manifest["scale_factors"].items()}
+    (other_path / "scene.json").write_text(json.dumps(manifest))
+    other = Scene.open(other_path)
+    result = train([prepared_scene, other], tmp_path / "run", chip_size=64, batch_size=4, max_epochs=1,
+                   samples_per_epoch=4, progress=False, val_scenes=[prepared_scene.path])
+    kwargs = load_checkpoint(result.checkpoint).model_kwargs
+    assert kwargs["GSF_DICT"]["64"] == pytest.approx(2 * prepared_scene.scale_factor(64))
+    assert kwargs["validation"] == [str(prepared_scene.path.resolve())]
+    arrays = SceneArrays(other, ["dsm", "nodata_mask"], "dsm", 64, scale=kwargs["GSF_DICT"]["64"])
+    assert arrays.scale == pytest.approx(2 * prepared_scene.scale_factor(64))
+
+
+def test_scale_source_of_refine_defaults_to_the_checkpoint_and_can_be_overridden():
+    from deepdem.models import scale_for
+
+    trained = {"GSF_DICT": {"128": 4.0}, "scale_source": "checkpoint"}
+    assert scale_for(trained, {128: 9.0}, 128) == 4.0
+    assert scale_for(trained, {128: 9.0}, 128, "scene") == 9.0
+    assert scale_for({"GSF_DICT": {"128": 4.0}}, {128: 9.0}, 128) == 9.0  # checkpoints before the change
+    with pytest.raises(ValueError, match="scale source must be one of checkpoint, scene"):
+        scale_for(trained, {}, 128, "median")

@@ -17,10 +17,22 @@ from .errors import DeepDEMError
 
 
 def _synth(args) -> int:
-    from .synth import synth_scene
+    from .errors import InputError
+    from .synth import synth_from_lidar, synth_scene
 
-    paths = synth_scene(args.out, seed=args.seed, size=args.size, resolution=args.resolution)
-    print(f"wrote generated scene (seed {args.seed}) to {Path(args.out)}: {', '.join(p.name for p in paths.values())}")
+    if args.truth_dtm and not args.truth_dsm:
+        raise InputError("--truth-dtm needs --truth-dsm")
+    if args.truth_dsm:
+        if not args.truth_dtm:
+            raise InputError("--truth-dsm needs --truth-dtm (deepdem lidar writes both)")
+        paths = synth_from_lidar(args.out, args.truth_dsm, args.truth_dtm, errors=args.errors, seed=args.seed)
+        what = f"stereo products ({args.errors} errors) of {args.truth_dsm}"
+    else:
+        if args.errors != "model":
+            raise InputError("--errors sgbm needs a real truth (--truth-dsm/--truth-dtm); generated scenes use the model")
+        paths = synth_scene(args.out, seed=args.seed, size=args.size, resolution=args.resolution)
+        what = f"generated scene (seed {args.seed})"
+    print(f"wrote {what} to {Path(args.out)}: {', '.join(p.name for p in paths.values())}")
     return 0
 
 
@@ -120,7 +132,8 @@ def _refine(args) -> int:
     path = refine(args.checkpoint, args.scene, args.out, batch_size=args.batch_size, fill=args.fill,
                   device=args.device, progress=not args.quiet, overlap=args.overlap, tta=args.tta,
                   block_size=args.block_size, resume=args.resume, workers=args.workers,
-                  scheduler=args.scheduler, hillshade=args.hillshade, slope=args.slope, chm=args.chm)
+                  scheduler=args.scheduler, hillshade=args.hillshade, slope=args.slope, chm=args.chm,
+                  scale_source=args.scale_source)
     print(f"wrote {path}")
     return 0
 
@@ -180,6 +193,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=int, default=512, help="pixels on a side (default 512)")
     p.add_argument("--resolution", type=float, default=1.0, help="metres per pixel (default 1)")
+    p.add_argument("--truth-dsm", help="start from a real truth instead (e.g. deepdem lidar's dsm.tif) ...")
+    p.add_argument("--truth-dtm", help="... and its DTM (dtm.tif) on the same grid")
+    p.add_argument("--errors", choices=["model", "sgbm"], default="model",
+                   help="ASP's errors from a statistical model of them, or from rendering two views and "
+                        "matching them with OpenCV's semi-global matcher (needs --truth-dsm)")
     p.set_defaults(func=_synth)
 
     p = sub.add_parser("prepare", help="build a Scene from input rasters (aligned on the DSM grid)")
@@ -251,6 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write <out>_hillshade.tif")
     p.add_argument("--slope", action="store_true", help="also write <out>_slope.tif (degrees)")
     p.add_argument("--chm", action="store_true", help="also write <out>_chm.tif = DSM - DTM (two-head models)")
+    p.add_argument("--scale-source", choices=["checkpoint", "scene"],
+                   help="DSM scale factor: the training scenes' (checkpoint) or the scene's own "
+                        "(default: as the checkpoint was trained)")
     p.set_defaults(func=_refine)
 
     p = sub.add_parser("hillshade", help="hillshade (and slope) of a DEM GeoTIFF, as Cloud-Optimised GeoTIFFs")

@@ -3,11 +3,17 @@
 The normalisation lives in one function, :func:`normalise_chip`, used by training and by
 ``refine`` alike, so that the two can never disagree:
 
-* DSM: minus the chip's valid-pixel mean, divided by the scene's global scale factor for the
-  chip size; no-data pixels become 0 (the chip mean);
+* DSM: holes first filled by inverse-distance weighting (:func:`fill_dsm_holes`, GDAL's
+  FillNodata as ASP users' ``dem_mosaic`` fill), then minus the chip's mean, divided by the
+  global scale factor of the chip size (the training scenes' by default, so that an unseen
+  scene is read in the units the model learnt); pixels still without data become 0;
 * other bands: raw (orthos are already equalised to [0, 1] by ``prepare``), with each band
   kind's fill value where they have no data (−1 for the triangulation error, 0 otherwise);
-* the base the network's residual is added to: the DSM, with its chip mean where it has none.
+* the base the network's residual is added to: the filled DSM, with its chip mean where it
+  has none.
+
+The loss never looks at the filled pixels (see :func:`_loss_target`): the fill only gives the
+network a plausible surface instead of a step to the chip mean at every hole's edge.
 """
 
 from __future__ import annotations
@@ -24,10 +30,27 @@ import torch
 from torch.utils.data import Dataset
 
 from .errors import InputError
+from .baselines import idw_fill
 from .io import atomic_path
 from .scene import BANDS, Scene
 
 TARGET_BANDS = {"dsm": "truth_dsm", "dtm": "truth_dtm"}
+#: how far (px) the DSM's holes are filled before normalisation; farther pixels stay no data
+HOLE_FILL_DISTANCE = 100.0
+
+
+def fill_dsm_holes(dsm: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """The DSM with its NaN holes filled by inverse-distance weighting (float32).
+
+    Training and refine both call this before normalising; ``out`` may be ``dsm`` itself.
+    """
+    out = dsm if out is None else out
+    if out is not dsm:
+        np.copyto(out, dsm)
+    missing = np.isnan(dsm)
+    if missing.any() and not missing.all():
+        np.copyto(out, idw_fill(dsm, HOLE_FILL_DISTANCE).astype(np.float32), where=missing)
+    return out
 
 
 @dataclass
@@ -111,9 +134,16 @@ def spatial_split(shape: tuple[int, int], chip_size: int, holdout_fraction: floa
     """Split a scene into a training area and a validation stripe along its longer axis.
 
     The stripe is at least one chip wide (the seed's 0.8 split crashed when it was not), and
-    the training area must hold at least one chip too.
+    the training area must hold at least one chip too. ``holdout_fraction`` 0 holds nothing
+    out: both regions are the whole scene (validation then measures the fit, not transfer).
     """
     height, width = shape
+    if holdout_fraction <= 0:
+        if min(shape) < chip_size:
+            raise InputError(f"scene of {height}x{width} px is smaller than chip size {chip_size}; largest chip "
+                             f"size that fits: {largest_fitting_chip(shape)}")
+        whole = Region(0, height, 0, width)
+        return whole, whole
     along_cols = width >= height
     length = width if along_cols else height
     stripe = max(chip_size, int(round(length * holdout_fraction)))
@@ -150,7 +180,8 @@ class SceneArrays:
     directory when the scene is read-only) that already hold what a chip needs, so that building
     a chip is a handful of plain copies (the seed opened 7 rasters per chip):
 
-    * ``dsm``: float32, NaN where it has no data, plus summed-area tables of its values and of its
+    * ``dsm``: float32, holes filled (:func:`fill_dsm_holes`; NaN where still without data, or
+      everywhere when ``fill_holes`` is off), plus summed-area tables of its values and of its
       valid pixels, so that a chip's mean costs four lookups instead of a pass over the chip;
     * other input bands: float32 with each band kind's fill value already in place of no data
       (the mask band as uint8);
@@ -170,9 +201,10 @@ class SceneArrays:
         chip_size: int,
         scale: float | None = None,
         cache_dir: str | os.PathLike | None = None,
+        fill_holes: bool = True,
     ):
         self._arguments = dict(scene=scene, bands=list(bands), target=target, chip_size=chip_size,
-                               scale=scale, cache_dir=cache_dir)
+                               scale=scale, cache_dir=cache_dir, fill_holes=fill_holes)
         self.scene = scene
         targets = [target] if isinstance(target, str) else list(target or [])
         self.target_bands = [TARGET_BANDS[t] for t in targets]
@@ -189,9 +221,10 @@ class SceneArrays:
             if band in self.target_bands:
                 self._add(band, ["dsm", "nodata_mask", band], lambda band=band: _loss_target(scene, band))
             else:
-                self._add(band, [band], lambda band=band: _model_ready(scene.read(band), band))
+                self._add(band, [band], lambda band=band: _model_ready(scene.read(band), band, fill_holes),
+                          cache_name=f"{band}-holes" if band == "dsm" and not fill_holes else band)
         height, width = scene.shape
-        self._dsm_sums = self._cache.get("dsm-sums", ["dsm"], (2, height + 1, width + 1), np.float64,
+        self._dsm_sums = self._cache.get("dsm-sums" if fill_holes else "dsm-holes-sums", ["dsm"], (2, height + 1, width + 1), np.float64,
                                          lambda out: _summed_area_tables(self.arrays["dsm"], out)).view(np.ndarray)
         self.scale = scale if scale is not None else scene.scale_factor(chip_size)
         self.fallback_mean = float(scene.statistics("dsm").get("median", 0.0))
@@ -203,8 +236,8 @@ class SceneArrays:
     def __setstate__(self, arguments):
         self.__init__(**arguments)
 
-    def _add(self, name: str, sources: list[str], build) -> None:
-        self.arrays[name], self._transposed[name] = self._cache.get_with_twin(name, sources, build)
+    def _add(self, name: str, sources: list[str], build, cache_name: str | None = None) -> None:
+        self.arrays[name], self._transposed[name] = self._cache.get_with_twin(cache_name or name, sources, build)
         # Tensors over the maps: slicing an np.memmap runs Python code per slice, and torch.flip
         # reads a chip straight from the map. The maps are private copy-on-write ones, writable
         # as torch.from_numpy wants; nothing ever writes to them.
@@ -267,13 +300,14 @@ def _loss_target(scene: Scene, truth: str) -> np.ndarray:
     return data
 
 
-def _model_ready(data: np.ndarray, band: str) -> np.ndarray:
-    """A band as the model consumes it: fill values in place of NaN (the DSM keeps its NaNs)."""
+def _model_ready(data: np.ndarray, band: str, fill_holes: bool = True) -> np.ndarray:
+    """A band as the model consumes it: fill values in place of NaN; the DSM's holes filled
+    (:func:`fill_dsm_holes`) when ``fill_holes``, NaN where they are not."""
     kind = BANDS[band]
     if kind.kind == "mask":
         return (data > 0).astype(np.uint8)
     if band == "dsm":
-        return data
+        return fill_dsm_holes(data) if fill_holes else data
     return np.where(np.isnan(data), np.float32(kind.fill), data)
 
 
@@ -303,7 +337,7 @@ class _ArrayCache:
     A re-prepared scene is therefore never served stale arrays; stale files are removed.
     """
 
-    VERSION = "v2"
+    VERSION = "v3"
 
     def __init__(self, scene: Scene, cache_dir: str | os.PathLike | None):
         self.scene = scene

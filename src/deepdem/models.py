@@ -94,6 +94,12 @@ def build_network(arch: str = "Unet", encoder: str = "resnet18", in_channels: in
         raise CheckpointError(f"cannot build {arch} with encoder '{encoder}': {str(exc).splitlines()[0][:200]}") from None
 
 
+def output_layer(network: nn.Module) -> nn.Conv2d:
+    """The last convolution of a network built by :func:`build_network` (its residual head)."""
+    convolutions = [m for m in network.modules() if isinstance(m, nn.Conv2d)]
+    return convolutions[-1]
+
+
 def masked_l1(prediction: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Mean absolute error in metres over valid pixels (0 when a batch has none)."""
     valid = valid.to(prediction.dtype)
@@ -123,6 +129,13 @@ class DeepDEMRegressionTask(L.LightningModule):
             len(self.model_kwargs["bands"]),
             classes=len(self.targets),
         )
+        if self.model_kwargs.get("identity_init"):
+            # The untrained model returns the input DSM unchanged: training starts from "leave it
+            # alone" and learns corrections, instead of from a random residual it must unlearn.
+            head = output_layer(self.model)
+            nn.init.zeros_(head.weight)
+            if head.bias is not None:
+                nn.init.zeros_(head.bias)
         self._val_errors: list[torch.Tensor] = []
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
@@ -273,10 +286,22 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     return task.eval()
 
 
-def scale_for(model_kwargs: dict, scene_factors: dict[int, float], chip_size: int) -> float:
-    """The DSM scale factor for a scene: its own (default) or the checkpoint's training value."""
+SCALE_SOURCES = ("checkpoint", "scene")
+
+
+def scale_for(model_kwargs: dict, scene_factors: dict[int, float], chip_size: int, source: str | None = None) -> float:
+    """The DSM scale factor for a scene: the checkpoint's training value or the scene's own.
+
+    ``source`` overrides the checkpoint's ``scale_source`` (checkpoints that lack it were trained
+    with each scene's own factor). The training value is the default since an unseen scene's own
+    factor may be half or twice the training one: the network then reads its relief, and scales
+    its residual, in units it never learnt (measured on real terrain in BENCHMARKS.md).
+    """
+    source = source or model_kwargs.get("scale_source", "scene")
+    if source not in SCALE_SOURCES:
+        raise ValueError(f"scale source must be one of {', '.join(SCALE_SOURCES)}, got {source!r}")
     trained = {int(k): float(v) for k, v in model_kwargs.get("GSF_DICT", {}).items()}
-    if model_kwargs.get("scale_source", "scene") == "scene" and chip_size in scene_factors:
+    if source == "scene" and chip_size in scene_factors:
         return scene_factors[chip_size]
     if chip_size in trained:
         return trained[chip_size]

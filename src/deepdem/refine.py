@@ -49,7 +49,7 @@ from rasterio.enums import Resampling
 from rasterio.windows import Window
 from tqdm.auto import tqdm
 
-from .data import grid_positions, normalise_band_into
+from .data import fill_dsm_holes, grid_positions, normalise_band_into
 from .errors import CheckpointError
 from .io import atomic_path
 from .models import DeepDEMRegressionTask, load_checkpoint, scale_for
@@ -132,6 +132,7 @@ class RefineSettings:
     block_size: int
     batch_size: int = 8
     fill: bool = False
+    fill_holes: bool = False
     tta: bool = False
     bf16: bool = True
     device: str = "auto"
@@ -274,6 +275,8 @@ class BlockRefiner:
             # its own mean.
             if band == "dsm":
                 self.scene.read("dsm", halo, out=dsm)
+                if s.fill_holes:
+                    fill_dsm_holes(dsm, out=dsm)  # within the block and its halo (training: scene-wide)
                 np.isnan(dsm, out=dsm_missing)
                 normalise_band_into("dsm", dsm, channels["dsm"], s.scale, s.fallback_mean, dsm_missing)
             else:
@@ -479,6 +482,7 @@ def refine(
     hillshade: str | None = None,
     slope: bool = False,
     chm: bool = False,
+    scale_source: str | None = None,
 ) -> Path:
     """Refine a scene's DSM with a trained model and write a float32 Cloud-Optimised GeoTIFF.
 
@@ -493,6 +497,8 @@ def refine(
     many processes, ``scheduler`` connects to an existing one, ``client`` uses a Dask client.
     ``hillshade`` ('standard' or 'multidirectional'), ``slope`` and ``chm`` (two heads) write
     ``<out stem>_hillshade.tif``, ``_slope.tif`` and ``_chm.tif`` beside ``out``.
+    ``scale_source`` overrides the checkpoint's choice of DSM scale factor: 'checkpoint' (the
+    training scenes' factor, the default of models trained since 0.3) or 'scene' (the scene's own).
     """
     task = checkpoint if isinstance(checkpoint, DeepDEMRegressionTask) else load_checkpoint(checkpoint)
     scene = scene if isinstance(scene, Scene) else Scene.open(scene)
@@ -517,7 +523,8 @@ def refine(
     block_size = max(TILE, int(np.ceil(block_size / TILE)) * TILE)  # whole tiles per write
     settings = RefineSettings(
         bands=tuple(bands), chip=chip, stride=max(1, int(round(chip * (1 - overlap)))), overlap=overlap,
-        scale=scale_for(kwargs, scene.scale_factors, chip),
+        scale=scale_for(kwargs, scene.scale_factors, chip, scale_source),
+        fill_holes=kwargs.get("dsm_holes") == "idw",
         fallback_mean=float(scene.statistics("dsm").get("median", 0.0)),
         block_size=block_size, batch_size=batch_size, fill=fill, tta=tta, bf16=bf16,
         device=device or "auto", targets=targets,

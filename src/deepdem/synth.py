@@ -31,6 +31,7 @@ from scipy import ndimage
 
 from .errors import InputError
 from .io import FLOAT32_MIN, atomic_directory, write_raster
+from .lidar.ground import fill_nearest
 
 ASP_FILES = {
     "dsm": "run-DEM.tif",
@@ -46,6 +47,7 @@ TRUTH_NODATA = -9999.0
 
 # Land-cover codes used while generating (written to landcover.tif for evaluation strata).
 BARE, GRASS, ROAD, BUILDING, TREE, WATER = range(6)
+ERROR_MODES = ("model", "sgbm")
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,7 @@ class SynthConfig:
     sun_elevation: float = 50.0
     views: tuple[View, View] = field(default_factory=lambda: (View(250.0, 22.0), View(80.0, 18.0)))
     noise_base: float = 0.35  # metres, stereo noise on well-textured flat ground
+    blunders_per_km2: float | None = None  # None: 3 to 6 per scene, whatever its size
     crs: str = "EPSG:32610"
 
 
@@ -268,17 +271,38 @@ def generate(config: SynthConfig | None = None, terrain: np.ndarray | None = Non
     canopy = _stamp_trees(rng, terrain, cover, config, res)
     truth_dtm = terrain
     truth_dsm = np.fmax(np.fmax(terrain, np.nan_to_num(roofs, nan=-np.inf)), np.nan_to_num(canopy, nan=-np.inf))
+    x0 = 590000.0 + 5000.0 * (config.seed % 50)
+    y0 = 5400000.0 + 5000.0 * (config.seed // 50 % 50)
+    return observe(truth_dsm, truth_dtm, cover, config, rng, from_origin(x0, y0, res, res))
+
+
+def observe(truth_dsm: np.ndarray, truth_dtm: np.ndarray, cover: np.ndarray, config: SynthConfig,
+            rng: np.random.Generator, transform, errors: str = "model", albedo: np.ndarray | None = None) -> SynthScene:
+    """The stereo products of a true surface: radiance, orthos, initial DSM, error map, NDVI.
+
+    ``errors`` is 'model' (ASP's errors drawn from a statistical model of them, see the module
+    docstring) or 'sgbm' (two views rendered and matched by a real semi-global matcher, see
+    :mod:`deepdem.stereo`). ``albedo`` (0–1, e.g. from a real orthophoto) replaces the albedo
+    drawn from the land cover.
+    """
+    if errors not in ERROR_MODES:
+        raise InputError(f"errors must be one of {', '.join(ERROR_MODES)}, got {errors!r}")
+    res = config.resolution
+    shape = truth_dsm.shape
+    h, w = shape
+    rows, cols = np.mgrid[0:h, 0:w].astype(np.float64)
 
     # -- radiometry of the true surface ---------------------------------------------------
-    albedo = np.choose(cover, [0.34, 0.22, 0.17, 0.0, 0.10, 0.05]).astype(np.float64)
-    labels, _ = ndimage.label(cover == BUILDING)
-    if labels.max():
-        per_building = rng.uniform(0.15, 0.6, size=labels.max() + 1)
-        albedo = np.where(cover == BUILDING, per_building[labels], albedo)
-    fine = ndimage.gaussian_filter(rng.normal(size=shape), 0.7)
-    medium = ndimage.gaussian_filter(rng.normal(size=shape), 3.0 / res)
-    texture_strength = np.choose(cover, [0.25, 0.3, 0.1, 0.04, 0.45, 0.03])
-    albedo = albedo * np.clip(1 + texture_strength * (fine / (fine.std() + 1e-9) * 0.6 + medium / (medium.std() + 1e-9) * 0.6), 0.2, 3)
+    if albedo is None:
+        albedo = np.choose(cover, [0.34, 0.22, 0.17, 0.0, 0.10, 0.05]).astype(np.float64)
+        labels, _ = ndimage.label(cover == BUILDING)
+        if labels.max():
+            per_building = rng.uniform(0.15, 0.6, size=labels.max() + 1)
+            albedo = np.where(cover == BUILDING, per_building[labels], albedo)
+        fine = ndimage.gaussian_filter(rng.normal(size=shape), 0.7)
+        medium = ndimage.gaussian_filter(rng.normal(size=shape), 3.0 / res)
+        texture_strength = np.choose(cover, [0.25, 0.3, 0.1, 0.04, 0.45, 0.03])
+        albedo = albedo * np.clip(1 + texture_strength * (fine / (fine.std() + 1e-9) * 0.6 + medium / (medium.std() + 1e-9) * 0.6), 0.2, 3)
 
     gy, gx = np.gradient(truth_dsm, res)
     sun_az, sun_el = math.radians(config.sun_azimuth), math.radians(config.sun_elevation)
@@ -289,6 +313,9 @@ def generate(config: SynthConfig | None = None, terrain: np.ndarray | None = Non
     lambert = np.clip(np.tensordot(sun, normal, axes=1), 0, 1)
     shadow = cast_shadow(truth_dsm, res, config.sun_azimuth, config.sun_elevation)
     radiance = albedo * (0.18 + 0.82 * lambert * ~shadow)
+
+    if errors == "sgbm":
+        return _observe_by_matching(truth_dsm, truth_dtm, cover, radiance, shadow, config, rng, transform)
 
     # -- stereo DSM with ASP's errors ------------------------------------------------------
     canopy_height = np.where(cover == TREE, truth_dsm - truth_dtm, 0.0)
@@ -305,7 +332,10 @@ def generate(config: SynthConfig | None = None, terrain: np.ndarray | None = Non
     correlated /= correlated.std() + 1e-12
     dsm = smoothed + sigma * correlated
 
-    for _ in range(rng.integers(3, 7)):  # blunders: smooth bumps and pits of 5–25 m
+    blunders = int(rng.integers(3, 7))
+    if config.blunders_per_km2 is not None:
+        blunders = int(rng.poisson(config.blunders_per_km2 * h * w * res * res / 1e6))
+    for _ in range(blunders):  # blunders: smooth bumps and pits of 5–25 m
         by, bx = rng.uniform(0, h), rng.uniform(0, w)
         radius = rng.uniform(3, 10) / res
         dsm += rng.choice([-1, 1]) * rng.uniform(5, 25) * np.exp(-((rows - by) ** 2 + (cols - bx) ** 2) / (2 * radius**2))
@@ -339,14 +369,9 @@ def generate(config: SynthConfig | None = None, terrain: np.ndarray | None = Non
     tri = (0.08 + 0.25 * error) * rng.lognormal(0.0, 0.35, size=shape)
     tri = np.where(holes, np.nan, tri)
 
-    ndvi_values = np.choose(cover, [0.15, 0.45, 0.08, 0.05, 0.75, -0.25]).astype(np.float64)
-    ndvi = np.clip(ndimage.gaussian_filter(ndvi_values, 1.0) + rng.normal(0, 0.03, size=shape), -1, 1)
-
-    x0 = 590000.0 + 5000.0 * (config.seed % 50)
-    y0 = 5400000.0 + 5000.0 * (config.seed // 50 % 50)
     return SynthScene(
         config=config,
-        transform=from_origin(x0, y0, res, res),
+        transform=transform,
         crs=CRS.from_user_input(config.crs),
         truth_dsm=truth_dsm.astype(np.float32),
         truth_dtm=truth_dtm.astype(np.float32),
@@ -354,9 +379,33 @@ def generate(config: SynthConfig | None = None, terrain: np.ndarray | None = Non
         ortho_left=orthos[0].astype(np.float32),
         ortho_right=orthos[1].astype(np.float32),
         triangulation_error=tri.astype(np.float32),
-        ndvi=ndvi.astype(np.float32),
+        ndvi=_ndvi(cover, rng).astype(np.float32),
         landcover=cover,
         shifts={"dx_px": float(shift_px[1]), "dy_px": float(shift_px[0]), "dz_m": shift_z},
+    )
+
+
+def _ndvi(cover: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    ndvi_values = np.choose(cover, [0.15, 0.45, 0.08, 0.05, 0.75, -0.25]).astype(np.float64)
+    return np.clip(ndimage.gaussian_filter(ndvi_values, 1.0) + rng.normal(0, 0.03, size=cover.shape), -1, 1)
+
+
+def _observe_by_matching(truth_dsm, truth_dtm, cover, radiance, shadow, config, rng, transform) -> SynthScene:
+    """``observe`` with errors='sgbm': views rendered and matched, then water as ASP sees it."""
+    from .stereo import simulate_stereo
+
+    result = simulate_stereo(truth_dsm, radiance, config.resolution, config.views, rng)
+    dsm = result.dsm.astype(np.float64)
+    # Specular, moving water gives the matcher nothing stable: ASP leaves it empty almost always.
+    water = (cover == WATER) & (rng.random(cover.shape) < 0.97)
+    dsm[water] = np.nan
+    tri = np.where(np.isnan(dsm), np.nan, result.triangulation_error)
+    return SynthScene(
+        config=config, transform=transform, crs=CRS.from_user_input(config.crs),
+        truth_dsm=truth_dsm.astype(np.float32), truth_dtm=truth_dtm.astype(np.float32), dsm=dsm.astype(np.float32),
+        ortho_left=result.ortho_left.astype(np.float32), ortho_right=result.ortho_right.astype(np.float32),
+        triangulation_error=tri.astype(np.float32), ndvi=_ndvi(cover, rng).astype(np.float32),
+        landcover=cover, shifts={"dx_px": 0.0, "dy_px": 0.0, "dz_m": 0.0},
     )
 
 
@@ -398,9 +447,71 @@ def synth_scene(
         scene.crs = CRS.from_user_input(crs)
     if origin is not None:
         scene.transform = from_origin(origin[0], origin[1], config.resolution, config.resolution)
+    return write_asp_run(out, scene, {"generator": "deepdem.synth"})
+
+
+def lidar_landcover(truth_dsm: np.ndarray, truth_dtm: np.ndarray, resolution: float) -> np.ndarray:
+    """Land cover of a LIDAR-gridded surface, for radiometry and strata: water where the LIDAR
+    has no return, trees (rough) and buildings (smooth) above 2.5 m, grass elsewhere."""
+    cover = np.full(truth_dsm.shape, GRASS, np.uint8)
+    height = np.nan_to_num(truth_dsm - truth_dtm, nan=0.0)
+    filled = np.where(np.isfinite(truth_dsm), truth_dsm, np.nanmedian(truth_dsm))
+    # Crowns are rough at the metre scale, roofs are planes: the curvature tells them apart.
+    roughness = ndimage.gaussian_filter(np.abs(ndimage.laplace(filled)), 1.0 / resolution)
+    raised = height > 2.5
+    cover[raised & (roughness > 0.35 * resolution)] = TREE
+    cover[raised & (roughness <= 0.35 * resolution)] = BUILDING
+    cover[~np.isfinite(truth_dsm)] = WATER
+    return cover
+
+
+def synth_from_lidar(
+    out: str | os.PathLike,
+    truth_dsm: str | os.PathLike,
+    truth_dtm: str | os.PathLike,
+    errors: str = "model",
+    seed: int = 0,
+    views: tuple[View, View] | None = None,
+) -> dict[str, Path]:
+    """An ASP-like run made from a real LIDAR truth (e.g. ``deepdem lidar``'s dsm.tif/dtm.tif).
+
+    The land cover comes from :func:`lidar_landcover`, the radiometry from it and the surface's
+    shading, the stereo errors from ``errors`` ('model' or 'sgbm', see :func:`observe`). The
+    truth is written unchanged (NaN where the LIDAR has none); the stereo products are made from
+    it with its gaps filled by the nearest value.
+    """
+    from .prepare import read_grid  # prepare is the heavier module; synth's generator needs none of it
+
+    grid, dsm = read_grid(truth_dsm)
+    dtm_grid, dtm = read_grid(truth_dtm)
+    if dtm.shape != dsm.shape or dtm_grid.transform != grid.transform:
+        raise InputError(f"DTM grid {dtm.shape} is not the DSM's {dsm.shape}: grid both with the same bounds", truth_dtm)
+    if not np.isfinite(dsm).any():
+        raise InputError("truth DSM has no valid pixel", truth_dsm)
+    resolution = abs(grid.transform.a)
+    if not math.isclose(resolution, abs(grid.transform.e), rel_tol=1e-6):
+        raise InputError(f"truth DSM pixels are not square ({grid.transform.a} x {grid.transform.e})", truth_dsm)
+    # Blunders by area: a small LIDAR patch must not get a whole generated scene's worth.
+    config = SynthConfig(size=max(dsm.shape), resolution=resolution, seed=seed, crs=grid.crs.to_wkt(),
+                         blunders_per_km2=15.0, **({"views": views} if views else {}))
+    rng = np.random.default_rng(seed)
+    cover = lidar_landcover(dsm, dtm, resolution)
+    surface = fill_nearest(dsm.astype(np.float64))
+    ground = np.fmin(fill_nearest(np.where(np.isfinite(dtm), dtm, dsm).astype(np.float64)), surface)
+    scene = observe(surface, ground, cover, config, rng, grid.transform, errors=errors)
+    scene.truth_dsm, scene.truth_dtm = dsm.astype(np.float32), dtm.astype(np.float32)
+    return write_asp_run(out, scene, {"generator": "deepdem.synth.synth_from_lidar", "errors": errors,
+                                      "truth": [str(Path(truth_dsm).resolve()), str(Path(truth_dtm).resolve())]})
+
+
+def write_asp_run(out: str | os.PathLike, scene: SynthScene, meta: dict) -> dict[str, Path]:
+    """Write a scene as ASP-named rasters plus truth, land cover and ``synth.json`` into ``out``."""
+    config = scene.config
     t, crs = scene.transform, scene.crs
-    ndvi_coarse = scene.ndvi.reshape(config.size // 2, 2, config.size // 2, 2).mean(axis=(1, 3)) if config.size % 2 == 0 else scene.ndvi
-    ndvi_transform = t @ t.scale(2, 2) if config.size % 2 == 0 else t
+    h, w = scene.ndvi.shape
+    even = h % 2 == 0 and w % 2 == 0
+    ndvi_coarse = scene.ndvi.reshape(h // 2, 2, w // 2, 2).mean(axis=(1, 3)) if even else scene.ndvi
+    ndvi_transform = t @ t.scale(2, 2) if even else t
 
     def asp(values):
         return np.where(np.isfinite(values), values, FLOAT32_MIN).astype(np.float32)
@@ -415,6 +526,6 @@ def synth_scene(
         write_raster(tmp / ASP_FILES["truth_dsm"], scene.truth_dsm, t, crs, TRUTH_NODATA, "truth DSM")
         write_raster(tmp / ASP_FILES["truth_dtm"], scene.truth_dtm, t, crs, TRUTH_NODATA, "truth DTM")
         write_raster(tmp / "landcover.tif", scene.landcover, t, crs, None, "0 bare 1 grass 2 road 3 building 4 tree 5 water")
-        meta = {"generator": "deepdem.synth", "config": asdict(config), "shifts": scene.shifts, "files": ASP_FILES}
+        meta = {**meta, "config": asdict(config), "shifts": scene.shifts, "files": ASP_FILES}
         (tmp / "synth.json").write_text(json.dumps(meta, indent=2, default=str))
     return {band: out / name for band, name in ASP_FILES.items()}

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 
 from .data import ChipDataset, SceneArrays, collate_chips, largest_fitting_chip, spatial_split
 from .errors import InputError
-from .models import DEFAULT_BANDS, TARGETS, DeepDEMRegressionTask, load_checkpoint, save_checkpoint
+from .models import DEFAULT_BANDS, SCALE_SOURCES, TARGETS, DeepDEMRegressionTask, load_checkpoint, save_checkpoint
 from .scene import Scene
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,11 @@ class TrainConfig:
     lr: float = field(default=5e-4, metadata={"help": "Adam learning rate"})
     lr_patience: int = field(default=50, metadata={"help": "epochs without val MAE gain before the LR halves"})
     early_stopping_patience: int = field(default=75, metadata={"help": "epochs without val MAE gain (0.005 m) before stopping"})
-    holdout_fraction: float = field(default=0.2, metadata={"help": "share of each scene's long axis held out for validation (at least one chip)"})
+    holdout_fraction: float = field(default=0.0, metadata={"help": "share of each scene's long axis held out for validation (at least one chip); 0: train on every pixel and validate on the fit (or on --val-scene)"})
+    val_scenes: list[str] = field(default_factory=list, metadata={"help": "scene directories to validate on (instead of a hold-out)"})
+    scale_source: str = field(default="checkpoint", metadata={"help": "DSM scale factor of every scene, in training and refine: checkpoint (the training scenes' mean) or scene (each scene's own)"})
+    identity_init: bool = field(default=True, metadata={"help": "start from a network that returns the input DSM unchanged (zeroed output layer)"})
+    fill_holes: bool = field(default=True, metadata={"help": "fill the DSM's holes by inverse-distance weighting before normalising"})
     swap_images: bool = field(default=True, metadata={"help": "randomly swap the left and right images while training"})
     precision: str = field(default="auto", metadata={"help": "auto (bf16-mixed where supported), 32-true, bf16-mixed, 16-mixed"})
     channels_last: bool = field(default=True, metadata={"help": "channels-last memory format (about 1.4x faster on CPU)"})
@@ -108,6 +112,10 @@ def add_train_arguments(parser) -> None:
         help_text = f"{f.metadata.get('help', '')} (default: {_default_of(f)})"
         if f.name == "scenes":
             parser.add_argument("--scene", dest="scenes", action="append", help="scene directory (repeat for several)")
+        elif f.name == "val_scenes":
+            parser.add_argument("--val-scene", dest="val_scenes", action="append", help=help_text)
+        elif f.name == "scale_source":
+            parser.add_argument("--scale-source", choices=list(SCALE_SOURCES), default=None, help=help_text)
         elif f.name == "out":
             parser.add_argument("--out", help=help_text)
         elif f.name == "bands":
@@ -176,12 +184,16 @@ class _EpochPrinter(Callback):
               f"(initial DSM {float(m['val_initial_mae']):.3f} m)", flush=True)
 
 
-def _check_scenes(scenes: Sequence[Scene], bands: Sequence[str], target_bands: Sequence[str], chip_size: int) -> None:
+def _check_scenes(scenes: Sequence[Scene], bands: Sequence[str], target_bands: Sequence[str], chip_size: int,
+                  split: bool = True) -> None:
     for scene in scenes:
         missing = [b for b in (*bands, *target_bands) if not scene.has(b)]
         if missing:
             raise InputError(f"scene lacks band(s) {', '.join(missing)} (it has: {', '.join(scene.bands)})", scene.path)
-        if min(scene.shape) < chip_size or max(scene.shape) < 2 * chip_size:
+        if min(scene.shape) < chip_size:
+            raise InputError(f"scene of {scene.shape[0]}x{scene.shape[1]} px is smaller than chip size {chip_size}; "
+                             f"largest chip size that fits: {largest_fitting_chip(scene.shape)}", scene.path)
+        if split and max(scene.shape) < 2 * chip_size:
             raise InputError(
                 f"scene of {scene.shape[0]}x{scene.shape[1]} px is too small to train with chip size {chip_size} "
                 f"(a training area and a validation stripe of one chip each); largest chip size that fits: "
@@ -226,21 +238,36 @@ def _train(config: TrainConfig, extra_callbacks: list[Callback]) -> TrainResult:
     if unknown:
         raise InputError(f"unknown input band(s) {', '.join(unknown)} (choose from {', '.join(DEFAULT_BANDS)})")
     chip_size = config.chip_size
-    _check_scenes(opened, bands, target_bands, chip_size)
+    if config.scale_source not in SCALE_SOURCES:
+        raise InputError(f"scale_source must be one of {', '.join(SCALE_SOURCES)}, got {config.scale_source!r}")
+    val_opened = [s if isinstance(s, Scene) else Scene.open(s) for s in config.val_scenes]
+    holdout = config.holdout_fraction if not val_opened else 0.0
+    _check_scenes(opened, bands, target_bands, chip_size, split=holdout > 0)
+    _check_scenes(val_opened, bands, target_bands, chip_size, split=False)
     progress = sys.stderr.isatty() if config.progress is None else config.progress
 
     L.seed_everything(config.seed, workers=True, verbose=False)
     torch.set_float32_matmul_precision("high")
-    arrays = [SceneArrays(s, bands, list(TARGETS[config.target]), chip_size) for s in opened]
-    splits = [spatial_split(s.shape, chip_size, config.holdout_fraction) for s in opened]
+    gsf = {str(chip_size): float(np.mean([s.scale_factor(chip_size) for s in opened]))}
+    for size in sorted({k for s in opened for k in s.scale_factors} - {chip_size}):
+        gsf[str(size)] = float(np.mean([s.scale_factors[size] for s in opened if size in s.scale_factors]))
+    gsf = dict(sorted(gsf.items(), key=lambda item: int(item[0])))
+    # One factor for every scene (the training mean), as refine applies it to scenes never seen.
+    shared_scale = gsf[str(chip_size)] if config.scale_source == "checkpoint" else None
+    targets = list(TARGETS[config.target])
+
+    def scene_arrays(scene):
+        return SceneArrays(scene, bands, targets, chip_size, scale=shared_scale, fill_holes=config.fill_holes)
+
+    arrays = [scene_arrays(s) for s in opened]
+    splits = [spatial_split(s.shape, chip_size, holdout) for s in opened]
     train_set = ChipDataset(arrays, [t for t, _ in splits], bands, chip_size, "train",
                             config.samples_per_epoch, config.seed, swap_images=config.swap_images)
-    val_set = ChipDataset(arrays, [v for _, v in splits], bands, chip_size, "val")
-
-    gsf = {}
-    for size in sorted({k for s in opened for k in s.scale_factors}):
-        values = [s.scale_factors[size] for s in opened if size in s.scale_factors]
-        gsf[str(size)] = float(np.mean(values))
+    if val_opened:
+        val_set = ChipDataset([scene_arrays(s) for s in val_opened],
+                              [spatial_split(s.shape, chip_size, 0.0)[1] for s in val_opened], bands, chip_size, "val")
+    else:
+        val_set = ChipDataset(arrays, [v for _, v in splits], bands, chip_size, "val")
     model_kwargs = {
         "bands": bands,
         "chip_size": chip_size,
@@ -248,10 +275,15 @@ def _train(config: TrainConfig, extra_callbacks: list[Callback]) -> TrainResult:
         "arch": config.arch,
         "encoder": config.encoder,
         "GSF_DICT": gsf,
-        "scale_source": "scene",
-        "normalisation": "dsm: (dsm - valid chip mean) / scene scale factor, nodata -> 0; "
+        "scale_source": config.scale_source,
+        "dsm_holes": "idw" if config.fill_holes else "mean",
+        "identity_init": config.identity_init,
+        "normalisation": f"dsm: holes {'filled by IDW, ' if config.fill_holes else ''}(dsm - chip mean) / "
+        f"{'training' if config.scale_source == 'checkpoint' else 'scene'} scale factor, nodata -> 0; "
         "orthos: CLAHE [0,1], nodata -> 0; triangulation_error: m, nodata -> -1; ndvi: nodata -> 0",
         "datapath": [str(s.path.resolve()) for s in opened],
+        "validation": ([str(s.path.resolve()) for s in val_opened] if val_opened
+                       else f"hold-out stripe {holdout:g}" if holdout > 0 else "the training scenes (fit)"),
         "scenes": [s.manifest.get("provenance", {}) for s in opened],
         "lr": config.lr,
         "lr_patience": config.lr_patience,
@@ -274,7 +306,7 @@ def _train(config: TrainConfig, extra_callbacks: list[Callback]) -> TrainResult:
         print(f"resuming {out} after epoch {resumed_epoch}", flush=True)
     if not config.resume and resume_from.exists():
         log.warning("%s holds an earlier run; starting afresh (use --resume to continue it)", out)
-    stored = dataclasses.replace(config, scenes=[str(s.path) for s in opened])
+    stored = dataclasses.replace(config, scenes=[str(s.path) for s in opened], val_scenes=[str(s.path) for s in val_opened])
     (out / "config.yaml").write_text(stored.to_yaml())
 
     precision = config.precision

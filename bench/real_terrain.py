@@ -1,0 +1,418 @@
+"""Accuracy on real LIDAR terrain, across sites: does a model trained here improve a DSM there?
+
+Every real LIDAR set of the shared data is gridded by ``deepdem lidar`` (0.5 m; Autzen's 1.6
+points/m² at 1 m) into a truth DSM and DTM. Each truth gets two initial DSMs with their orthos,
+error map and NDVI (``deepdem.synth.synth_from_lidar``): ``model`` errors (the generator's
+statistical model of ASP) and ``sgbm`` errors (two views rendered and matched by OpenCV's
+semi-global matcher). Models train on the training sites (both error kinds) and are scored on
+the other sites and on a held-out tile of a training site:
+
+* the initial DSM and the filters of :mod:`deepdem.baselines`;
+* a plain smp Unet-resnet18 written here the simple way (all bands, holes filled by nearest
+  neighbour, the training scenes' scale factor, L1, random flipped chips, constant Adam 5e-4,
+  no hold-out, 50 % overlap with a Hann window);
+* both ResDepth baselines (ResDepth's UNet on the DSM alone, and on the DSM and both images);
+* deepdem at its defaults, and deepdem with the defaults before this benchmark (each scene's own
+  scale factor, holes at the chip mean, a 20 % hold-out, a randomly initialised output layer)
+  to measure what the changes bought; with ``--ablations``, each change undone on its own;
+* for the terrain under vegetation, deepdem ``--target dtm`` against the SMRF ground filter.
+
+Every model gets the same budget of process CPU seconds (robust to a busy machine), the same
+chips of 128 px, batches of 16 and bf16 autocast on the CPU; each runs with several seeds and
+the tables give the median and the range.
+
+    python bench/real_terrain.py [--seeds 0 1 2] [--cpu-seconds 240] [--write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import segmentation_models_pytorch as smp
+import torch
+from lightning.pytorch.callbacks import Callback
+from scipy import ndimage
+
+from deepdem.baselines import compute_baselines
+from deepdem.evaluate import evaluate_arrays
+from deepdem.lidar import grid_lidar, write_products
+from deepdem.prepare import prepare_from_asp_dir
+from deepdem.refine import refine
+from deepdem.scene import Scene
+from deepdem.synth import synth_from_lidar
+from deepdem.train import TrainConfig, train
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _report import update_benchmarks  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("DEEPDEM_DATA", REPO.parent / "shared" / "data"))
+MONTPELLIER = [f"ign_montpellier/test_data_{tile}_LA93_IGN69.laz" for tile in
+               ("77050_627755", "77050_627760", "77055_627755", "77055_627760", "77060_627755", "77060_627760")]
+#: name: (LIDAR files under the data folder, role, gridding options)
+SITES = {
+    "IGN fields (FR)": (["ign_lidarhd_rgbnir/las_with_several_extra_byte_bloc.laz"], "train", {}),
+    "Delft tile 1 (NL)": (["ahn3_delft/ahn3_cropped_1.laz"], "train", {"crs": "EPSG:28992"}),
+    "NEON woodland (US)": (["neon_osbs/osbs_200m.laz"], "train", {"dsm_fill_gap": 1.5}),
+    "Delft tile 2 (NL, held-out tile)": (["ahn3_delft/ahn3_cropped_2.laz"], "test", {"crs": "EPSG:28992"}),
+    "IGN Montpellier (FR)": (MONTPELLIER, "test", {}),
+    "Coromandel forest (NZ)": (["coromandel_forest/points.laz"], "test", {}),
+    "Autzen (US, 1 m)": (["autzen/autzen_trim.laz"], "test", {"crs": "EPSG:32610", "resolution": 1.0}),
+}
+ERRORS = ("model", "sgbm")
+CHIP = 128
+DEEPDEM = "deepdem (defaults)"
+BEFORE = "deepdem, previous defaults"
+PLAIN = "plain smp Unet-resnet18"
+DSM_MODELS = {
+    DEEPDEM: {},
+    BEFORE: dict(scale_source="scene", fill_holes=False, holdout_fraction=0.2, identity_init=False),
+    # ResDepth's network as published (randomly initialised), in deepdem's pipeline
+    "ResDepth-UNet, DSM only": dict(arch="ResDepth", bands=["dsm"], identity_init=False),
+    "ResDepth-UNet, stereo": dict(arch="ResDepth", bands=["dsm", "ortho_left", "ortho_right"], identity_init=False),
+}
+OWN_SCALE = "deepdem, refined with the scene's own scale factor"
+ABLATIONS = {
+    "deepdem, random output layer": dict(identity_init=False),
+    "deepdem, holes at the chip mean": dict(fill_holes=False),
+    "deepdem, 20 % hold-out": dict(holdout_fraction=0.2),
+}
+
+
+class CpuBudget(Callback):
+    """Stops training once the process has used ``seconds`` of CPU time since fit started."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def on_fit_start(self, trainer, pl_module):
+        self.start = time.process_time()
+
+    def on_train_batch_end(self, trainer, *args):
+        if time.process_time() - self.start > self.seconds:
+            trainer.should_stop = True
+
+
+# -- data ---------------------------------------------------------------------------------------
+
+def build_scenes(work: Path) -> dict[tuple[str, str], Scene]:
+    """Grid, degrade and prepare every site once (kept in ``work`` between runs)."""
+    scenes = {}
+    for index, (site, (files, _, options)) in enumerate(SITES.items()):
+        paths = [DATA / f for f in files]
+        if not all(p.exists() for p in paths):
+            print(f"skipping {site}: {paths[0]} not found (set DEEPDEM_DATA)")
+            continue
+        truth_dir = work / f"truth{index}"
+        if not (truth_dir / "dtm.tif").exists():
+            products = grid_lidar(paths, resolution=options.get("resolution", 0.5), crs=options.get("crs"),
+                                  dsm_fill_gap=options.get("dsm_fill_gap", 1.0), progress=False)
+            write_products(products, truth_dir)
+        for errors in ERRORS:
+            raw, prepared = work / f"raw{index}-{errors}", work / f"scene{index}-{errors}"
+            if not (prepared / "scene.json").exists():
+                synth_from_lidar(raw, truth_dir / "dsm.tif", truth_dir / "dtm.tif", errors=errors, seed=100 + index)
+                prepare_from_asp_dir(raw, prepared)
+            scenes[(site, errors)] = Scene.open(prepared)
+    return scenes
+
+
+def model_inputs(scene: Scene) -> tuple[np.ndarray, np.ndarray]:
+    """Plain UNet: the six bands (DSM holes nearest-filled, NaN → 0) and the valid mask."""
+    dsm = scene.read("dsm")
+    missing = np.isnan(dsm)
+    nearest = ndimage.distance_transform_edt(missing, return_distances=False, return_indices=True)
+    dsm = dsm[tuple(nearest)]
+    bands = [dsm] + [np.nan_to_num(scene.read(b), nan=0.0) for b in
+                     ("ortho_left", "ortho_right", "triangulation_error", "ndvi", "nodata_mask")]
+    return np.stack(bands).astype(np.float32), ~missing & (scene.read("nodata_mask") > 0)
+
+
+# -- the plain UNet, written the way a user would ------------------------------------------------
+
+def plain_unet_train(scenes: list[Scene], seconds: float, seed: int, target: str = "truth_dsm"):
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    data = [(*model_inputs(s), s.read(target)) for s in scenes]
+    scale = float(np.mean([s.scale_factor(CHIP) for s in scenes]))
+    model = smp.Unet("resnet18", encoder_weights=None, in_channels=6, classes=1).to(memory_format=torch.channels_last)
+    optimiser = torch.optim.Adam(model.parameters(), lr=5e-4)
+    start, steps = time.process_time(), 0
+    while time.process_time() - start < seconds:
+        inputs, targets, bases = [], [], []
+        for _ in range(16):
+            x, valid, truth = data[rng.integers(len(data))]
+            r, c = rng.integers(0, x.shape[1] - CHIP + 1), rng.integers(0, x.shape[2] - CHIP + 1)
+            chip, ok, t = x[:, r : r + CHIP, c : c + CHIP].copy(), valid[r : r + CHIP, c : c + CHIP], truth[r : r + CHIP, c : c + CHIP]
+            mean = chip[0].mean()
+            base = chip[0].copy()
+            chip[0] = (chip[0] - mean) / scale
+            t = np.where(ok & np.isfinite(t), t, np.nan)
+            if rng.random() < 0.5:
+                chip, base, t = chip[:, :, ::-1], base[:, ::-1], t[:, ::-1]
+            if rng.random() < 0.5:
+                chip, base, t = chip[:, ::-1], base[::-1], t[::-1]
+            inputs.append(chip.copy()), bases.append(base.copy()), targets.append(t.copy())
+        x = torch.from_numpy(np.stack(inputs)).contiguous(memory_format=torch.channels_last)
+        base, t = torch.from_numpy(np.stack(bases))[:, None], torch.from_numpy(np.stack(targets))[:, None]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            prediction = model(x).float() * scale + base
+        valid = torch.isfinite(t)
+        loss = (prediction - torch.nan_to_num(t))[valid].abs().mean()
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        steps += 1
+    return model.eval(), scale, steps
+
+
+def plain_unet_predict(model, scale: float, scene: Scene) -> np.ndarray:
+    x, valid = model_inputs(scene)
+    _, h, w = x.shape
+    window = np.outer(np.hanning(CHIP + 2)[1:-1], np.hanning(CHIP + 2)[1:-1]).astype(np.float32)
+    total, weight = np.zeros((h, w), np.float32), np.zeros((h, w), np.float32)
+    stride = CHIP // 2
+    rows = sorted({*range(0, max(h - CHIP, 0) + 1, stride), max(h - CHIP, 0)})
+    cols = sorted({*range(0, max(w - CHIP, 0) + 1, stride), max(w - CHIP, 0)})
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        for r in rows:
+            for c in cols:
+                chip = x[:, r : r + CHIP, c : c + CHIP].copy()
+                mean = chip[0].mean()
+                base = chip[0].copy()
+                chip[0] = (chip[0] - mean) / scale
+                out = model(torch.from_numpy(chip)[None]).float()[0, 0].numpy() * scale + base
+                total[r : r + CHIP, c : c + CHIP] += out * window
+                weight[r : r + CHIP, c : c + CHIP] += window
+    return np.where(valid, total / np.maximum(weight, 1e-6), np.nan)
+
+
+# -- scoring ------------------------------------------------------------------------------------
+
+def read_refined(path: Path) -> np.ndarray:
+    import rasterio
+
+    with rasterio.open(path) as src:
+        return src.read(1, masked=True).filled(np.nan).astype(np.float64)
+
+
+def score(scene: Scene, dems: dict[str, np.ndarray], target: str = "dsm"):
+    """Evaluation on the pixels valid in the truth, the inputs and every DEM."""
+    valid = scene.read("nodata_mask") > 0
+    truth = np.where(valid, scene.read(f"truth_{target}"), np.nan)
+    height = scene.read("truth_dsm") - scene.read("truth_dtm")
+    return evaluate_arrays(truth, dems, scene.grid, ndvi=scene.read("ndvi"), height=height,
+                           terrain=scene.read("truth_dtm"), target=target)
+
+
+def initial_and_baselines(scene: Scene, target: str = "dsm") -> dict[str, np.ndarray]:
+    dsm = scene.read("dsm").astype(np.float64)
+    out = {"initial DSM": dsm}
+    for name, values in compute_baselines(dsm, scene.transform, scene.crs, target).items():
+        out[name] = values
+    return out
+
+
+def run(work: Path, seeds: list[int], seconds: float, ablations: bool, only: list[str] | None = None) -> dict:
+    scenes = build_scenes(work)
+    train_scenes = [s for (site, _), s in scenes.items() if SITES[site][1] == "train"]
+    tests = {key: s for key, s in scenes.items() if SITES[key[0]][1] == "test"}
+    results: dict = {"dsm": {}, "dtm": {}, "strata": {}, "epochs": {}}
+    models = {DEEPDEM: {}, **ABLATIONS} if ablations else DSM_MODELS
+    if ablations and not only:
+        only = [DEEPDEM, *ABLATIONS]
+    wanted = (lambda name: any(o in name for o in only)) if only else (lambda name: True)
+    models = {name: overrides for name, overrides in models.items() if wanted(name)}
+
+    def record(kind, key, evaluation, methods):
+        for name in methods:
+            results[kind].setdefault(f"{key[0]}|{key[1]}", {}).setdefault(name, []).append(evaluation.metrics[name]["mae"])
+
+    for key, scene in tests.items():
+        base = initial_and_baselines(scene)
+        record("dsm", key, score(scene, base), base)
+    for seed in seeds:
+        for name, overrides in models.items():
+            started = time.time()
+            run_dir = work / f"run-{seed}-{list(models).index(name)}"
+            config = TrainConfig(chip_size=CHIP, max_epochs=100_000, seed=seed, progress=False, **overrides)
+            result = train(train_scenes, run_dir, config=config, callbacks=[CpuBudget(seconds)])
+            results["epochs"].setdefault(name, []).append(result.epochs)
+            for key, scene in tests.items():
+                refined = refine(result.checkpoint, scene, run_dir / "refined.tif", progress=False)
+                dems = {**initial_and_baselines(scene), name: read_refined(refined)}
+                evaluation = score(scene, dems)
+                record("dsm", key, evaluation, [name])
+                if name == DEEPDEM:
+                    for stratum, entry in evaluation.strata.items():
+                        if entry.get("pixels", 0) >= 1000 and "metrics" in entry:
+                            m = entry["metrics"]
+                            results["strata"].setdefault(f"{key[0]}|{key[1]}|{stratum}", []).append(
+                                (m[name]["mae"], m["initial DSM"]["mae"]))
+                if name == DEEPDEM and ablations:  # the refine side of the scale factor needs no retraining
+                    own = refine(result.checkpoint, scene, run_dir / "own.tif", progress=False, scale_source="scene")
+                    record("dsm", key, score(scene, {**dems, OWN_SCALE: read_refined(own)}), [OWN_SCALE])
+            print(f"seed {seed} | {name}: {result.epochs} epochs, {time.time() - started:.0f} s", flush=True)
+        if wanted(PLAIN):
+            plain_unet(train_scenes, tests, seconds, seed, results)
+        if wanted("deepdem --target dtm"):
+            train_dtm(train_scenes, tests, seconds, seed, results, work)
+        (work / "partial.json").write_text(json.dumps(results, indent=1))  # a crash keeps the seeds done
+    return results
+
+
+def plain_unet(train_scenes, tests, seconds, seed, results):
+    started = time.time()
+    model, scale, steps = plain_unet_train(train_scenes, seconds, seed)
+    for key, scene in tests.items():
+        evaluation = score(scene, {**initial_and_baselines(scene), PLAIN: plain_unet_predict(model, scale, scene)})
+        results["dsm"].setdefault(f"{key[0]}|{key[1]}", {}).setdefault(PLAIN, []).append(evaluation.metrics[PLAIN]["mae"])
+    results["epochs"].setdefault(PLAIN, []).append(round(steps * 16 / 512, 1))
+    print(f"seed {seed} | {PLAIN}: {steps} steps, {time.time() - started:.0f} s", flush=True)
+
+
+def train_dtm(train_scenes, tests, seconds, seed, results, work):
+    started = time.time()
+    run_dir = work / f"run-{seed}-dtm"
+    result = train(train_scenes, run_dir, config=TrainConfig(chip_size=CHIP, max_epochs=100_000, seed=seed,
+                                                             progress=False, target="dtm"),
+                   callbacks=[CpuBudget(seconds)])
+    for key, scene in tests.items():
+        refined = refine(result.checkpoint, scene, run_dir / "refined.tif", progress=False)
+        dems = {**initial_and_baselines(scene, "dtm"), "deepdem --target dtm": read_refined(refined)}
+        evaluation = score(scene, dems, "dtm")
+        for stratum in ("tall vegetation", "bare", "all"):
+            entry = evaluation.strata.get(stratum)
+            if entry and entry["pixels"]:
+                for method in ("deepdem --target dtm", "smrf_ground", "initial DSM"):
+                    results["dtm"].setdefault(f"{key[0]}|{key[1]}|{stratum}", {}).setdefault(method, []).append(
+                        entry["metrics"][method]["mae"])
+    print(f"seed {seed} | deepdem --target dtm: {result.epochs} epochs, {time.time() - started:.0f} s", flush=True)
+
+
+def default_work() -> Path:
+    return Path(os.environ.get("TMPDIR", "/tmp")) / "deepdem-real-terrain"
+
+
+# -- tables -------------------------------------------------------------------------------------
+
+def _cell(values: list[float]) -> str:
+    values = [v for v in values if np.isfinite(v)]
+    if not values:
+        return ""
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{np.median(values):.3f} ({min(values):.2f}–{max(values):.2f})"
+
+
+def ablation_tables(results: dict, seeds: list[int], seconds: float) -> list[str]:
+    """One change at a time against the defaults: MAE ÷ the defaults' MAE per held-out scene."""
+    dsm = results["dsm"]
+    changes = [m for m in [*ABLATIONS, OWN_SCALE] if any(m in per for per in dsm.values())]
+    rows = ["| site | errors | deepdem (defaults) MAE (m) | " + " | ".join(f"{c} ÷ defaults" for c in changes) + " |",
+            "|---|---|---:|" + "---:|" * len(changes)]
+    for key, per in dsm.items():
+        if DEEPDEM not in per:
+            continue
+        ours = float(np.median(per[DEEPDEM]))
+        rows.append(f"| {' | '.join(key.split('|'))} | {_cell(per[DEEPDEM])} | "
+                    + " | ".join(f"{np.median(per[c]) / ours:.3f}" if c in per else "" for c in changes) + " |")
+    rows += ["", f"Above 1: undoing that change makes the refined DSM worse. Seeds {', '.join(map(str, seeds))}; "
+             f"{seconds:.0f} s of process CPU time per model; training and held-out scenes as in the section above."]
+    return rows
+
+
+def tables(results: dict, seeds: list[int], seconds: float) -> list[str]:
+    dsm = results["dsm"]
+    methods = list(dict.fromkeys(m for per in dsm.values() for m in per))
+    order = ["initial DSM", "idw_median", "idw_gaussian", PLAIN, "ResDepth-UNet, DSM only", "ResDepth-UNet, stereo",
+             BEFORE, DEEPDEM]
+    methods = [m for m in order if m in methods] + [m for m in methods if m not in order]
+    rows = ["### DSM: MAE (m) on each held-out scene, median over seeds (min–max)", "",
+            "| site | errors | " + " | ".join(methods) + " |", "|---|---|" + "---:|" * len(methods)]
+    for key, per in dsm.items():
+        site, errors = key.split("|")
+        rows.append(f"| {site} | {errors} | " + " | ".join(_cell(per.get(m, [])) for m in methods) + " |")
+    rows += ["", "### DSM: ratios of the seed-median MAEs", "",
+             "| site | errors | deepdem ÷ initial | plain UNet ÷ initial | deepdem ÷ plain UNet | deepdem ÷ best ResDepth | previous defaults ÷ initial |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    ratios = []
+    for key, per in dsm.items():
+        site, errors = key.split("|")
+        med = {m: float(np.median(v)) for m, v in per.items() if v}
+        if DEEPDEM not in med:
+            continue
+        resdepth = min(med.get("ResDepth-UNet, DSM only", np.inf), med.get("ResDepth-UNet, stereo", np.inf))
+        ratio = med[DEEPDEM] / med["initial DSM"]
+        ratios.append(ratio)
+        cells = [ratio, med.get(PLAIN, np.nan) / med["initial DSM"], med[DEEPDEM] / med.get(PLAIN, np.nan),
+                 med[DEEPDEM] / resdepth, med.get(BEFORE, np.nan) / med["initial DSM"]]
+        rows.append(f"| {site} | {errors} | " + " | ".join(f"{c:.3f}" if 0 < c < np.inf else "" for c in cells) + " |")
+    if ratios:
+        rows += ["", f"Median over the held-out scenes of deepdem's MAE ÷ initial: **{np.median(ratios):.3f}**."]
+    if results["dtm"]:
+        rows += ["", "### DTM under vegetation: MAE (m) against the LIDAR DTM, median over seeds (min–max)", "",
+                 "| site | errors | stratum | deepdem --target dtm | SMRF ground filter | initial DSM | deepdem ÷ SMRF |",
+                 "|---|---|---|---:|---:|---:|---:|"]
+        for key, per in results["dtm"].items():
+            site, errors, stratum = key.split("|")
+            ours, smrf = np.median(per["deepdem --target dtm"]), np.median(per["smrf_ground"])
+            rows.append(f"| {site} | {errors} | {stratum} | {_cell(per['deepdem --target dtm'])} | "
+                        f"{_cell(per['smrf_ground'])} | {_cell(per['initial DSM'])} | {ours / smrf:.3f} |")
+    worse = [(k, np.median([a for a, _ in v]), np.median([b for _, b in v])) for k, v in results["strata"].items()]
+    worse = sorted((w for w in worse if w[1] > w[2]), key=lambda w: w[2] / w[1])
+    rows += ["", f"### Strata (≥ 1,000 px) where deepdem's seed-median MAE is above the initial DSM's: "
+             f"{len(worse)} of {len(results['strata'])}", ""]
+    if worse:
+        rows += ["| site | errors | stratum | deepdem MAE | initial MAE |", "|---|---|---|---:|---:|"]
+        rows += [f"| {' | '.join(k.split('|'))} | {a:.3f} | {b:.3f} |" for k, a, b in worse[:15]]
+        if len(worse) > 15:
+            rows.append(f"| … {len(worse) - 15} more (`results.json` in the working folder) | | | | |")
+    epochs = ", ".join(f"{m} {np.median(v):g}" for m, v in results["epochs"].items())
+    rows += ["", f"Training: sites {', '.join(s for s, v in SITES.items() if v[1] == 'train')}, both error kinds "
+             f"(6 scenes); seeds {', '.join(map(str, seeds))}; {seconds:.0f} s of process CPU time per model; chips of "
+             f"{CHIP} px, batch 16, bf16 autocast. Median epochs of 512 chips: {epochs}. Scores on the pixels valid "
+             "in the truth and in the inputs (refine's output mask)."]
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--cpu-seconds", type=float, default=240.0, help="training budget per model (process CPU s)")
+    parser.add_argument("--work", default=str(default_work()),
+                        help="working folder (gridded truths and scenes are kept there between runs)")
+    parser.add_argument("--ablations", action="store_true",
+                        help="train the defaults and each change undone on its own (a section of its own)")
+    parser.add_argument("--tables-only", action="store_true", help="print (and --write) the tables of the last run")
+    parser.add_argument("--only", nargs="+", help="run only the models whose name contains one of these")
+    parser.add_argument("--write", action="store_true", help="update BENCHMARKS.md")
+    args = parser.parse_args()
+    if args.write and args.only:
+        parser.error("--write needs every model: drop --only")
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    results_file = work / ("ablations.json" if args.ablations else "results.json")
+    if args.tables_only:
+        results = json.loads(results_file.read_text())
+    else:
+        results = run(work, args.seeds, args.cpu_seconds, args.ablations, args.only)
+        results_file.write_text(json.dumps(results, indent=1))
+    make = ablation_tables if args.ablations else tables
+    rows = make(results, args.seeds, args.cpu_seconds)
+    print("\n".join(rows))
+    if args.write:
+        command = (f"python bench/real_terrain.py --seeds {' '.join(map(str, args.seeds))} "
+                   f"--cpu-seconds {args.cpu_seconds:.0f}{' --ablations' if args.ablations else ''} --write")
+        section = "Ablations on real LIDAR terrain" if args.ablations else "Accuracy on real LIDAR terrain, across sites"
+        update_benchmarks(section, command, rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""Error statistics of the two stereo-error generators on real LIDAR truths, side by side.
+
+For every site of ``bench/real_terrain.py`` (its gridded truths and ASP-like runs are reused from
+its working folder, or made there), the initial DSM of each generator — ``model`` (the
+statistical model of ASP's errors) and ``sgbm`` (views rendered and matched by OpenCV's
+semi-global matcher) — is compared with the truth: holes, and the error's median, NMAD and MAE
+on open ground by slope, under canopy and at building edges.
+
+    python bench/synth_errors.py [--write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _report import update_benchmarks  # noqa: E402
+from real_terrain import ERRORS, build_scenes, default_work  # noqa: E402
+
+from deepdem.evaluate import error_metrics  # noqa: E402
+from deepdem.products import slope_degrees  # noqa: E402
+
+
+def strata(scene) -> dict[str, np.ndarray]:
+    truth, ground = scene.read("truth_dsm"), scene.read("truth_dtm")
+    height = np.nan_to_num(truth - ground, nan=0.0)
+    with np.errstate(invalid="ignore"):
+        slope = slope_degrees(ground.astype(np.float64), scene.grid.resolution)
+    raised = height > 2.5
+    ndvi = scene.read("ndvi")
+    canopy = raised & (np.nan_to_num(ndvi) >= 0.3)
+    buildings = raised & ~canopy
+    edges = ndimage.binary_dilation(buildings, iterations=2) & ~ndimage.binary_erosion(buildings, iterations=2)
+    open_ground = ~raised & ~ndimage.binary_dilation(raised, iterations=2)
+    return {
+        "open, slope < 10°": open_ground & (slope < 10),
+        "open, slope ≥ 10°": open_ground & (slope >= 10),
+        "canopy": canopy,
+        "building edges (±2 px)": edges,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", default=str(default_work()))
+    parser.add_argument("--write", action="store_true", help="update BENCHMARKS.md")
+    args = parser.parse_args()
+    scenes = build_scenes(Path(args.work))
+    names = ["open, slope < 10°", "open, slope ≥ 10°", "canopy", "building edges (±2 px)"]
+    rows = ["| site | errors | holes | " + " | ".join(f"{n}: median / NMAD / MAE (m)" for n in names) + " |",
+            "|---|---|---:|" + "---:|" * len(names)]
+    totals: dict[str, dict[str, list]] = {e: {n: [] for n in names} for e in ERRORS}
+    for (site, errors), scene in scenes.items():
+        valid_truth = np.isfinite(scene.read("truth_dsm"))
+        dsm = scene.read("dsm")
+        error = dsm - scene.read("truth_dsm")
+        holes = np.isnan(dsm)[valid_truth].mean()
+        cells = []
+        for name, mask in strata(scene).items():
+            where = mask & np.isfinite(error)
+            if where.sum() < 200:
+                cells.append("")
+                continue
+            m = error_metrics(error[where])
+            totals[errors][name].append(error[where])
+            cells.append(f"{m['median']:+.2f} / {m['nmad']:.2f} / {m['mae']:.2f}")
+        rows.append(f"| {site} | {errors} | {holes:.0%} | " + " | ".join(cells) + " |")
+    for errors in ERRORS:
+        cells = []
+        for name in names:
+            if totals[errors][name]:
+                m = error_metrics(np.concatenate(totals[errors][name]))
+                cells.append(f"{m['median']:+.2f} / {m['nmad']:.2f} / {m['mae']:.2f}")
+            else:
+                cells.append("")
+        rows.append(f"| all sites | {errors} | | " + " | ".join(cells) + " |")
+    rows += ["", "Errors are initial DSM − LIDAR truth on the pixels where both have data; holes are the share of "
+             "the truth's pixels the initial DSM leaves empty. Canopy: more than 2.5 m above the LIDAR DTM with "
+             "NDVI ≥ 0.3; building edges: within 2 px of the boundary of the other raised objects; open ground: "
+             "more than 2 px from any raised object, by the slope of the LIDAR DTM."]
+    print("\n".join(rows))
+    if args.write:
+        update_benchmarks("Stereo error generators on real LIDAR truths", "python bench/synth_errors.py --write", rows)
+
+
+if __name__ == "__main__":
+    main()
