@@ -13,8 +13,9 @@ the other sites and on a held-out tile of a training site:
   no hold-out, 50 % overlap with a Hann window);
 * both ResDepth baselines (ResDepth's UNet on the DSM alone, and on the DSM and both images);
 * deepdem at its defaults, and deepdem with the defaults before this benchmark (each scene's own
-  scale factor, holes at the chip mean, a 20 % hold-out, a randomly initialised output layer)
-  to measure what the changes bought; with ``--ablations``, each change undone on its own;
+  scale factor, holes at the chip mean, a 20 % hold-out, a randomly initialised output layer, no
+  relief augmentation) to measure what the changes bought; with ``--ablations``, each change
+  undone on its own;
 * for the terrain under vegetation, deepdem ``--target dtm`` against the SMRF ground filter.
 
 Every model gets the same budget of process CPU seconds (robust to a busy machine), the same
@@ -72,13 +73,16 @@ BEFORE = "deepdem, previous defaults"
 PLAIN = "plain smp Unet-resnet18"
 DSM_MODELS = {
     DEEPDEM: {},
-    BEFORE: dict(scale_source="scene", fill_holes=False, holdout_fraction=0.2, identity_init=False),
-    # ResDepth's network as published (randomly initialised), in deepdem's pipeline
-    "ResDepth-UNet, DSM only": dict(arch="ResDepth", bands=["dsm"], identity_init=False),
-    "ResDepth-UNet, stereo": dict(arch="ResDepth", bands=["dsm", "ortho_left", "ortho_right"], identity_init=False),
+    BEFORE: dict(scale_source="scene", fill_holes=False, holdout_fraction=0.2, identity_init=False,
+                 relief_augmentation=False),
+    # ResDepth's network as published (randomly initialised, no relief augmentation), in deepdem's pipeline
+    "ResDepth-UNet, DSM only": dict(arch="ResDepth", bands=["dsm"], identity_init=False, relief_augmentation=False),
+    "ResDepth-UNet, stereo": dict(arch="ResDepth", bands=["dsm", "ortho_left", "ortho_right"], identity_init=False,
+                                  relief_augmentation=False),
 }
 OWN_SCALE = "deepdem, refined with the scene's own scale factor"
 ABLATIONS = {
+    "deepdem, no relief augmentation": dict(relief_augmentation=False),
     "deepdem, random output layer": dict(identity_init=False),
     "deepdem, holes at the chip mean": dict(fill_holes=False),
     "deepdem, 20 % hold-out": dict(holdout_fraction=0.2),

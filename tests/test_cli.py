@@ -79,3 +79,42 @@ def test_synth_from_a_lidar_truth_with_matched_errors(capsys, tmp_path):
     code, _, err = run(capsys, "synth", "--errors", "sgbm", "--out", str(tmp_path / "gen"))
     assert code == 2 and "needs a real truth" in err and err.strip().count("\n") == 0
     assert not (tmp_path / "gen").exists()
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["refine", "--checkpoint", "m.ckpt", "--scene", "s", "--out", "o.tif", "--overlap", "1"], "--overlap"),
+    (["refine", "--checkpoint", "m.ckpt", "--scene", "s", "--out", "o.tif", "--batch-size", "0"], "--batch-size"),
+    (["refine", "--checkpoint", "m.ckpt", "--scene", "s", "--out", "o.tif", "--workers", "-1"], "--workers"),
+    (["prepare", "--asp-prefix", "run", "--out", "s", "--clahe-clip", "0"], "--clahe-clip"),
+    (["prepare", "--asp-prefix", "run", "--out", "s", "--resolution", "nan"], "--resolution"),
+    (["train", "--scene", "s", "--chip-size", "0"], "--chip-size"),
+    (["train", "--scene", "s", "--holdout-fraction", "1.5"], "--holdout-fraction"),
+    (["train", "--scene", "s", "--lr", "-1"], "--lr"),
+    (["train", "--scene", "s", "--target", "chm"], "--target"),
+    (["hillshade", "--dem", "d.tif", "--out", "h.tif", "--altitude", "95"], "--altitude"),
+    (["lidar", "x.laz", "--out", "t", "--resolution", "0"], "--resolution"),
+    (["demo", "--minutes", "0"], "--minutes"),
+])
+def test_out_of_range_flags_are_one_line_naming_the_flag(capsys, argv, flag):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert err.startswith("deepdem: error:") and err.strip().count("\n") == 0
+    assert f"argument {flag}" in err
+
+
+def test_out_of_range_values_from_a_training_config_are_one_line(capsys, tmp_path):
+    (tmp_path / "c.yaml").write_text("batch_size: 0\n")
+    code, _, err = run(capsys, "train", "--config", str(tmp_path / "c.yaml"), "--scene", str(tmp_path))
+    assert code == 2 and "batch_size: must be in [1, inf), got 0" in err and err.strip().count("\n") == 0
+
+
+def test_truncated_geotiff_is_one_line_naming_the_file(capsys, synth_dir, tmp_path):
+    data = (synth_dir / "run-DEM.tif").read_bytes()
+    (tmp_path / "cut-DEM.tif").write_bytes(data[: len(data) // 2])
+    code, _, err = run(capsys, "prepare", "--dsm", str(tmp_path / "cut-DEM.tif"),
+                       "--ortho-left", str(synth_dir / "left_ortho.tif"), "--ortho-right", str(synth_dir / "right_ortho.tif"),
+                       "--triangulation-error", str(synth_dir / "run-IntersectionErr.tif"), "--out", str(tmp_path / "s"))
+    assert code == 2 and "cut-DEM.tif" in err and err.strip().count("\n") == 0
+    assert not (tmp_path / "s").exists()

@@ -42,7 +42,8 @@ def test_refined_and_initial_are_compared_on_the_same_pixels(tmp_path):
     initial[0, :] = -9999.0  # a hole in the initial DSM: those pixels leave both comparisons
     refined[1, 0] = 100.0
     t, r, i = _write(tmp_path / "t.tif", truth), _write(tmp_path / "r.tif", refined), _write(tmp_path / "i.tif", initial)
-    result = evaluate(r, t, initial=i, json_path=tmp_path / "m.json")
+    result = evaluate(r, t, initial=i)
+    result.write_json(tmp_path / "m.json")
     assert result.pixels == 12
     assert result.metrics["initial"]["mae"] == pytest.approx(2.0)
     assert result.metrics["refined"]["mae"] == pytest.approx((11 * 1.0 + 100.0) / 12)

@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import pytest
 import rasterio
@@ -358,10 +360,12 @@ def test_two_dask_workers_give_the_single_process_bytes(multi_block_scene, tmp_p
     distributed = pytest.importorskip("dask.distributed")
     task = random_task(seed=2)
     single = refine(task, multi_block_scene, tmp_path / "single.tif", block_size=256, progress=False)
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster, \
-            distributed.Client(cluster) as client:
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+            distributed.Client(cluster) as client, distributed.get_task_stream(client) as stream:
         spread = refine(task, multi_block_scene, tmp_path / "dask.tif", block_size=256, progress=False, client=client)
-        assert len(client.scheduler_info()["workers"]) == 2
+        pids = set(client.run(os.getpid).values())
+    workers = {t["worker"] for t in stream.data if str(t["key"]).startswith("deepdem-refine-")}  # one task per block
+    assert len(workers) == 2 and len(pids) == 2 and os.getpid() not in pids  # two worker processes ran blocks
     assert spread.read_bytes() == single.read_bytes()
 
 

@@ -184,9 +184,12 @@ def test_two_process_ddp_on_cpu_completes(prepared_scene, tmp_path):
             "--batch-size", "2", "--samples-per-epoch", "8", "--max-epochs", "2", "--arch", "ResDepth",
             "--bands", "dsm", "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp", "--no-progress"]
     command, env = _cli(*args)
+    command.insert(command.index("train"), "--verbose")  # Lightning logs each rank's start at INFO
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "world_size=2" in done.stderr or "distributed_backend=gloo" in done.stderr or (tmp_path / "ddp" / "best.ckpt").exists()
+    # Two processes trained: Lightning's world size as rank 0 recorded it, and one log line per rank.
+    assert json.loads((tmp_path / "ddp" / "train.json").read_text())["world_size"] == 2
+    assert "GLOBAL_RANK: 0" in done.stderr and "GLOBAL_RANK: 1" in done.stderr
     assert load_checkpoint(tmp_path / "ddp" / "best.ckpt").model_kwargs["chip_size"] == 64
 
 
@@ -277,3 +280,49 @@ def test_scale_source_of_refine_defaults_to_the_checkpoint_and_can_be_overridden
     assert scale_for({"GSF_DICT": {"128": 4.0}}, {128: 9.0}, 128) == 9.0  # checkpoints before the change
     with pytest.raises(ValueError, match="scale source must be one of checkpoint, scene"):
         scale_for(trained, {}, 128, "median")
+
+
+def test_fine_tuning_starts_from_the_checkpoint_and_keeps_its_scale_factor(prepared_scene, tmp_path):
+    from deepdem.models import output_layer
+
+    first = train([prepared_scene], tmp_path / "first", chip_size=64, batch_size=4, max_epochs=1,
+                  samples_per_epoch=4, progress=False, identity_init=False)
+    pretrained = load_checkpoint(first.checkpoint)
+    # Fake a checkpoint trained elsewhere, with another scale factor.
+    pretrained.model_kwargs["GSF_DICT"] = {"64": 7.5}
+    from deepdem.models import save_checkpoint
+
+    save_checkpoint(pretrained, tmp_path / "elsewhere.ckpt")
+    tuned = train([prepared_scene], tmp_path / "tuned", chip_size=64, batch_size=4, max_epochs=1,
+                  samples_per_epoch=4, progress=False, lr=1e-12, init=str(tmp_path / "elsewhere.ckpt"))
+    task = load_checkpoint(tuned.checkpoint)
+    assert task.model_kwargs["GSF_DICT"]["64"] == 7.5
+    assert task.model_kwargs["init"] == str((tmp_path / "elsewhere.ckpt").resolve())
+    # a negligible learning rate: the weights are the pretrained ones
+    assert torch.allclose(output_layer(task.model).weight, output_layer(pretrained.model).weight, atol=1e-8)
+    with pytest.raises(InputError, match="elsewhere.ckpt: cannot fine-tune from this checkpoint: bands"):
+        train([prepared_scene], tmp_path / "other", chip_size=64, bands=["dsm", "ndvi"], max_epochs=1,
+              progress=False, init=str(tmp_path / "elsewhere.ckpt"))
+
+
+def test_relief_augmentation_stretches_and_tilts_dsm_and_truth_alike(prepared_scene):
+    bands = ["dsm", "ortho_left", "nodata_mask"]
+    arrays = SceneArrays(prepared_scene, bands, "dsm", 64)
+    region, _ = spatial_split(prepared_scene.shape, 64, 0.0)
+    plain = ChipDataset([arrays], [region], bands, 64, "train", samples=32, seed=3)
+    shaped = ChipDataset([arrays], [region], bands, 64, "train", samples=32, seed=3, relief_augmentation=True)
+    changed = 0
+    for i in range(32):
+        a, b = plain[i], shaped[i]
+        stretch, east, south = shaped._relief(i)
+        valid = a["valid"][0].numpy()
+        assert np.array_equal(valid, b["valid"][0].numpy())
+        # the correction to learn is stretched with the relief, and a plane does not change it
+        correction_a = (a["target"] - a["base"])[0].numpy()[valid]
+        correction_b = (b["target"] - b["base"])[0].numpy()[valid]
+        np.testing.assert_allclose(correction_b, stretch * correction_a, atol=2e-3)
+        assert np.allclose(a["base"], b["base"]) == (stretch == 1.0 and east == 0.0 and south == 0.0)
+        changed += stretch != 1.0
+    assert 8 <= changed <= 24  # about half the chips
+    validation = ChipDataset([arrays], [region], bands, 64, "val", relief_augmentation=True)
+    assert not validation.relief_augmentation  # validation chips are never augmented

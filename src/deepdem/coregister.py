@@ -26,17 +26,17 @@ from rasterio.transform import Affine
 from rasterio.warp import Resampling, reproject
 
 from .errors import InputError
+from .products import slope_degrees
 
 log = logging.getLogger(__name__)
 
 
 def nmad(values: np.ndarray) -> float:
-    """Normalised median absolute deviation (1.4826 · median |e − median e|) of finite values."""
+    """Normalised median absolute deviation of the finite values (NaN if there is none)."""
+    from geoutils.stats import nmad as geoutils_nmad  # xdem's NMAD, with NaNs ignored
+
     values = np.asarray(values, dtype=np.float64)
-    values = values[np.isfinite(values)]
-    if values.size == 0:
-        return float("nan")
-    return float(1.4826 * np.median(np.abs(values - np.median(values))))
+    return float(geoutils_nmad(values)) if np.isfinite(values).any() else float("nan")
 
 
 @dataclass
@@ -62,12 +62,6 @@ class CoregResult:
         return (f"shift x {self.shift_x:+.3f} m ({self.shift_x_px:+.3f} px), y {self.shift_y:+.3f} m "
                 f"({self.shift_y_px:+.3f} px), z {self.shift_z:+.3f} m; NMAD on stable ground "
                 f"{self.nmad_before:.3f} -> {self.nmad_after:.3f} m over {self.stable_pixels} px")
-
-
-def slope_degrees(dem: np.ndarray, resolution: tuple[float, float]) -> np.ndarray:
-    """Slope in degrees by central differences (NaN propagates to the neighbours)."""
-    dy, dx = np.gradient(dem.astype(np.float64), resolution[1], resolution[0])
-    return np.degrees(np.arctan(np.hypot(dx, dy))).astype(np.float32)
 
 
 def stable_ground(

@@ -227,6 +227,7 @@ class SceneArrays:
         self._dsm_sums = self._cache.get("dsm-sums" if fill_holes else "dsm-holes-sums", ["dsm"], (2, height + 1, width + 1), np.float64,
                                          lambda out: _summed_area_tables(self.arrays["dsm"], out)).view(np.ndarray)
         self.scale = scale if scale is not None else scene.scale_factor(chip_size)
+        self.resolution = float(min(scene.grid.resolution))
         self.fallback_mean = float(scene.statistics("dsm").get("median", 0.0))
 
     def __getstate__(self):
@@ -416,6 +417,12 @@ class ChipDataset(Dataset):
     and in each truth, the only ones the loss sees. Inputs and base equal :func:`normalise_chip`
     of the same pixels. Training chips get a random flip, 90° rotation and (``swap_images``) a
     swap of the two orthoimages; chip ``i`` of epoch ``e`` is the same in every process.
+
+    ``relief_augmentation`` gives half the training chips another relief: the DSM and the truth
+    stretched about the chip mean by a factor of 0.7 to 3 and tilted by a plane of up to 40°
+    (the same transform on both, so the correction to learn is stretched with the relief).
+    Training sites are often flatter than the scenes a model is used on; without it, a model
+    trained on flat ground and cities made a steep forest's DSM worse (BENCHMARKS.md).
     """
 
     def __init__(
@@ -428,9 +435,13 @@ class ChipDataset(Dataset):
         samples: int = 1024,
         seed: int = 0,
         swap_images: bool = True,
+        relief_augmentation: bool = False,
     ):
         if mode not in ("train", "val"):
             raise ValueError(mode)
+        self.relief_augmentation = relief_augmentation and mode == "train"
+        # Pixel offsets from the chip centre, for the tilts of the relief augmentation.
+        self._offsets = np.arange(chip_size, dtype=np.float32) - np.float32((chip_size - 1) / 2)
         self.scenes, self.regions, self.bands = list(scenes), list(regions), list(bands)
         self.chip_size, self.mode, self.seed = chip_size, mode, seed
         self.epoch = 0
@@ -438,7 +449,7 @@ class ChipDataset(Dataset):
             (self.bands.index("ortho_left"), self.bands.index("ortho_right"))
             if swap_images and {"ortho_left", "ortho_right"} <= set(self.bands) else None
         )
-        self._draws: tuple[int, np.ndarray] | None = None
+        self._draws: tuple[int, np.ndarray, np.ndarray] | None = None
         if mode == "val":
             stride = chip_size // 2
             self.positions = [
@@ -479,8 +490,21 @@ class ChipDataset(Dataset):
                 scene, row0 + (position[:, 0] * rows).astype(int), col0 + (position[:, 1] * cols).astype(int),
                 rng.integers(4, size=n), rng.integers(2, size=n), rng.integers(2, size=n),
             ], axis=1)
-            self._draws = (self.epoch, table)
+            # Relief: stretch factor, and the tilt's east and south gradients (m per m); half the
+            # chips keep their own relief. Drawn after the table, so the chips stay the same.
+            stretch = np.exp(rng.uniform(np.log(0.7), np.log(3.0), size=n))
+            slope = np.tan(np.radians(rng.uniform(0.0, 40.0, size=n)))
+            azimuth = rng.uniform(0.0, 2 * np.pi, size=n)
+            keep = rng.random(n) < 0.5
+            relief = np.stack([np.where(keep, 1.0, stretch), np.where(keep, 0.0, slope * np.cos(azimuth)),
+                               np.where(keep, 0.0, slope * np.sin(azimuth))], axis=1).astype(np.float32)
+            self._draws = (self.epoch, table, relief)
         return self._draws[1]
+
+    def _relief(self, index: int) -> np.ndarray:
+        """Stretch, east and south gradient of training chip ``index`` (see the class docstring)."""
+        self._epoch_draws()
+        return self._draws[2][index]
 
     def _draw(self, index: int) -> tuple[int, int, int, int, bool, bool]:
         """Scene, row, col, rotation, mirror and image swap of chip ``index`` (deterministic)."""
@@ -531,6 +555,8 @@ class ChipDataset(Dataset):
                 data.copy_chip(band, row, col, size, k, flip, batch.inputs[slot, channel])
             for t, truth in enumerate(data.target_bands):
                 data.copy_chip(truth, row, col, size, k, flip, target[t])
+            if self.relief_augmentation:
+                self._reshape_relief(base[0], target, mean, self._relief(indices[slot]), data.resolution)
             # No DSM data -> the chip mean (0 once centred); NaN in a target -> not valid.
             torch.from_numpy(base).nan_to_num_(0.0)
             if dsm_channel is not None:
@@ -540,6 +566,20 @@ class ChipDataset(Dataset):
             np.logical_not(batch.valid[slot], out=batch.valid[slot])
             torch.from_numpy(target).nan_to_num_(0.0)
             batch.scale[slot] = data.scale
+
+    def _reshape_relief(self, centred_dsm: np.ndarray, target: np.ndarray, mean: np.float32,
+                        relief: np.ndarray, resolution: float) -> None:
+        """Stretch and tilt a chip's relief in place: the DSM (already minus ``mean``) and its truth."""
+        stretch, east, south = (float(v) for v in relief)
+        if stretch == 1.0 and east == 0.0 and south == 0.0:
+            return
+        plane = np.add.outer(self._offsets * np.float32(south * resolution), self._offsets * np.float32(east * resolution))
+        centred_dsm *= np.float32(stretch)
+        centred_dsm += plane
+        target -= mean
+        target *= np.float32(stretch)
+        target += plane
+        target += mean
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         return {key: value[0] for key, value in self.__getitems__([index]).items()}

@@ -18,7 +18,7 @@ from .errors import InputError
 from .evaluate import Evaluation, evaluate
 from .prepare import prepare_from_asp_dir
 from .refine import refine
-from .report import demo_figure
+from .report import demo_figure, write_report
 from .synth import synth_scene
 from .train import train
 
@@ -43,8 +43,14 @@ def run_demo(
     train_seed: int = 1,
     heldout_seed: int = 2,
     progress: bool | None = None,
+    relief_augmentation: bool = False,
 ) -> DemoResult:
-    """Run the whole workflow on generated data and write everything under ``out``."""
+    """Run the whole workflow on generated data and write everything under ``out``.
+
+    The held-out scene comes from the same generator as the training scene, so the model trains
+    without relief augmentation (which buys transfer to steeper terrain than the training
+    scenes', at a cost on terrain like them: see BENCHMARKS.md, ablations).
+    """
     started = time.time()
     if progress is None:
         progress = sys.stderr.isatty()
@@ -65,14 +71,16 @@ def run_demo(
     heldout_scene = prepare_from_asp_dir(out / "raw_heldout", out / "scene_heldout")
     step(f"training for at most {train_minutes:g} min (chip {chip_size}, scale factor {train_scene.scale_factor(chip_size):.2f} m)")
     result = train([train_scene], out / "run", chip_size=chip_size, max_minutes=train_minutes,
-                   samples_per_epoch=256, lr=1e-3, progress=progress)
+                   samples_per_epoch=256, lr=1e-3, progress=progress, relief_augmentation=relief_augmentation)
     step(f"trained {result.epochs} epochs; best validation MAE {result.best_val_mae:.3f} m "
          f"(initial {result.initial_val_mae:.3f} m)")
     step("refining the held-out scene")
     refined = refine(result.checkpoint, heldout_scene, out / "heldout_refined.tif", progress=progress)
     step("evaluating against the held-out truth")
     evaluation = evaluate(refined, heldout_scene.band_path("truth_dsm"), initial=heldout_scene.band_path("dsm"),
-                          json_path=out / "heldout_metrics.json", scene=heldout_scene, report=out / "report")
+                          scene=heldout_scene)
+    evaluation.write_json(out / "heldout_metrics.json")
+    write_report(evaluation, out / "report")
     print(evaluation.table(["refined", "initial"]), flush=True)
     print(flush=True)
     print(evaluation.main_table(), flush=True)

@@ -44,7 +44,9 @@ def _within(tol: float):
 
 
 def _nmad(e: np.ndarray) -> float:
-    return float(NMAD_FACTOR * np.median(np.abs(e - np.median(e))))
+    from geoutils.stats import nmad  # xdem's own NMAD (it points there); imported when first needed
+
+    return float(nmad(e, NMAD_FACTOR))
 
 
 # Each metric of a non-empty array of finite errors; the same functions serve error_metrics
@@ -238,6 +240,14 @@ class Evaluation:
     target: str = "dsm"
     slope_source: str = "truth DSM"
     data: EvaluationData | None = field(default=None, repr=False, compare=False)
+    #: the files compared (dem, truth, initial, scene), where they came from files
+    sources: dict[str, str | None] = field(default_factory=dict, compare=False)
+
+    def write_json(self, path: str | os.PathLike) -> Path:
+        """Write :meth:`to_json` to ``path`` atomically."""
+        with atomic_path(path) as tmp:
+            Path(tmp).write_text(json.dumps(self.to_json(), indent=2))
+        return Path(path)
 
     @property
     def methods(self) -> list[str]:
@@ -417,9 +427,7 @@ def evaluate(
     dem: str | os.PathLike,
     truth: str | os.PathLike | None = None,
     initial: str | os.PathLike | None = None,
-    json_path: str | os.PathLike | None = None,
     scene=None,
-    report: str | os.PathLike | None = None,
     coregister: bool = False,
     target: str = "dsm",
     baselines: bool | None = None,
@@ -429,8 +437,8 @@ def evaluate(
     ``scene`` (a :class:`deepdem.scene.Scene` or its directory) supplies the orthoimages, NDVI,
     nodata mask and truth DTM for strata and figures, and defaults ``initial`` to its DSM and
     ``truth`` to its ``truth_<target>``. ``baselines`` (default: whenever there is an initial
-    DSM) adds the filters of :mod:`deepdem.baselines`. ``report`` writes a report directory
-    (``report.md``, ``metrics.json``, figures; see :mod:`deepdem.report`), atomically.
+    DSM) adds the filters of :mod:`deepdem.baselines`. The result is data: write it with
+    :meth:`Evaluation.write_json` and :func:`deepdem.report.write_report`.
     """
     from .scene import Scene
 
@@ -491,13 +499,6 @@ def evaluate(
         if exc.path is None:
             raise InputError(str(exc), truth) from None
         raise
-    if json_path is not None:
-        with atomic_path(json_path) as tmp:
-            Path(tmp).write_text(json.dumps(result.to_json(), indent=2))
-    if report is not None:
-        from .report import write_report
-
-        write_report(result, report, sources={"dem": str(dem), "truth": str(truth),
-                                              "initial": None if initial is None else str(initial),
-                                              "scene": None if scene is None else str(scene.path)})
+    result.sources = {"dem": str(dem), "truth": str(truth), "initial": None if initial is None else str(initial),
+                      "scene": None if scene is None else str(scene.path)}
     return result

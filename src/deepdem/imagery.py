@@ -31,6 +31,7 @@ import rasterio
 from rasterio.enums import Resampling
 from rasterio.warp import reproject, transform_bounds
 
+from .align import align_to_grid, ndvi_from_bands, read_source  # noqa: F401 (ndvi_from_bands: public here)
 from .errors import InputError
 from .scene import Grid
 
@@ -49,23 +50,11 @@ FMASK_REJECT = sum(1 << bit for bit in FMASK_BITS.values())
 TOKEN_ENV = "EARTHDATA_TOKEN"
 
 
-def ndvi_from_bands(nir: np.ndarray, red: np.ndarray) -> np.ndarray:
-    """(NIR − red) / (NIR + red) as float32; NaN where either is NaN or the sum is not positive."""
-    nir = np.asarray(nir, dtype=np.float32)
-    red = np.asarray(red, dtype=np.float32)
-    total = nir + red
-    with np.errstate(invalid="ignore", divide="ignore"):
-        ndvi = (nir - red) / total
-    return np.where(np.isfinite(ndvi) & (total > 0), ndvi, np.nan).astype(np.float32)
-
-
 def ndvi_from_raster(path: str | os.PathLike, nir_band: int, red_band: int, grid: Grid | None = None) -> tuple[np.ndarray, Grid]:
     """NDVI from a multiband raster with 1-based band indices (IGN IRC orthophoto: nir 1, red 2).
 
     Computed at the raster's resolution, then (with ``grid``) averaged/resampled onto ``grid``.
     """
-    from .prepare import align_to_grid, read_source
-
     if grid is None:
         data, meta = read_source(path, "ndvi", [nir_band, red_band], reduce="ndvi")
         return data, Grid(meta["crs"], meta["transform"], meta["height"], meta["width"])

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import lightning as L
+import numpy as np
 import segmentation_models_pytorch as smp
 import torch
 from torch import nn
@@ -182,10 +183,11 @@ class DeepDEMRegressionTask(L.LightningModule):
             generator = torch.Generator().manual_seed(0)
             errors = errors[torch.randperm(errors.numel(), generator=generator)[: self.NMAD_SAMPLES]]
         if errors.numel():
+            from geoutils.stats import nmad  # xdem's NMAD
+
             # Each process's NMAD over its own chips; DDP averages them (a median does not reduce).
-            median = errors.median()
             sync = self.trainer is not None and self.trainer.world_size > 1
-            self.log("val_nmad", 1.4826 * (errors - median).abs().median(), sync_dist=sync)
+            self.log("val_nmad", float(nmad(errors.numpy().astype(np.float64))), sync_dist=sync)
 
     def configure_optimizers(self):
         lr = float(self.model_kwargs.get("lr", 5e-4))

@@ -7,10 +7,28 @@ from pathlib import Path
 import numpy as np
 
 
-def slope_degrees(dem: np.ndarray, resolution: float | tuple[float, float]) -> np.ndarray:
-    """Slope in degrees by central differences; NaN where the DEM or a neighbour is NaN."""
+def horn_gradients(dem: np.ndarray, resolution: float | tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
+    """dz/dx (east) and dz/dy (north) by Horn's (1981) 3×3 weighted differences, as gdaldem.
+
+    At the edges the DEM is extended linearly (odd reflection), so a plane keeps its slope up to
+    the last pixel (gdaldem's ``-compute_edges`` extrapolates too); a NaN reaches the eight
+    neighbours it is a weight of.
+    """
+    from scipy import ndimage
+
     res_x, res_y = (resolution, resolution) if np.isscalar(resolution) else resolution
-    dzdy, dzdx = np.gradient(np.asarray(dem, dtype=np.float64), res_y, res_x)
+    dem = np.asarray(dem, dtype=np.float64)
+    padded = np.pad(dem, 1, mode="reflect", reflect_type="odd") if min(dem.shape) > 1 else np.pad(dem, 1, mode="edge")
+    east = np.array([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]]) / (8.0 * res_x)
+    north = np.array([[1.0, 2.0, 1.0], [0.0, 0.0, 0.0], [-1.0, -2.0, -1.0]]) / (8.0 * res_y)  # row 0 is north
+    inner = (slice(1, -1), slice(1, -1))
+    return ndimage.correlate(padded, east)[inner], ndimage.correlate(padded, north)[inner]
+
+
+def slope_degrees(dem: np.ndarray, resolution: float | tuple[float, float]) -> np.ndarray:
+    """Slope in degrees by Horn's method (see :func:`horn_gradients`); NaN where the DEM or a
+    neighbour is NaN."""
+    dzdx, dzdy = horn_gradients(dem, resolution)
     return np.degrees(np.arctan(np.hypot(dzdx, dzdy)))
 
 
@@ -21,12 +39,9 @@ def hillshade(
     altitude: float = 45.0,
     z_factor: float = 1.0,
 ) -> np.ndarray:
-    """Hillshade in [0, 1] with gdaldem's conventions (azimuth clockwise from north, light
-    from the north-west by default); NaN where the DEM has no data."""
-    res_x, res_y = (resolution, resolution) if np.isscalar(resolution) else resolution
-    dem = np.asarray(dem, dtype=np.float64) * z_factor
-    dzdrow, dzdx = np.gradient(dem, res_y, res_x)
-    dzdy = -dzdrow  # rows run south
+    """Hillshade in [0, 1] with gdaldem's conventions (Horn's gradients, azimuth clockwise from
+    north, light from the north-west by default); NaN where the DEM has no data."""
+    dzdx, dzdy = horn_gradients(np.asarray(dem, dtype=np.float64) * z_factor, resolution)
     az, alt = np.radians(azimuth), np.radians(altitude)
     light = np.array([np.sin(az) * np.cos(alt), np.cos(az) * np.cos(alt), np.sin(alt)])
     norm = np.sqrt(dzdx**2 + dzdy**2 + 1.0)
@@ -42,7 +57,7 @@ def multidirectional_hillshade(dem: np.ndarray, resolution, altitude: float = 45
 # -- streaming raster products -------------------------------------------------------------------
 # xdem computes these on whole in-memory DEMs; refined scenes are larger than memory, so the
 # products are computed window by window with a 1-px halo (exactly the whole-array result:
-# central differences inside the scene, one-sided at its edges as np.gradient does).
+# Horn's 3×3 differences need one neighbour, and the scene's edges repeat their last row).
 
 PRODUCT_BLOCK = 2048
 _COG = dict(COMPRESS="DEFLATE", LEVEL=6, BLOCKSIZE=512, OVERVIEWS="AUTO", BIGTIFF="IF_SAFER",

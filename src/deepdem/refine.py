@@ -50,7 +50,7 @@ from rasterio.windows import Window
 from tqdm.auto import tqdm
 
 from .data import fill_dsm_holes, grid_positions, normalise_band_into
-from .errors import CheckpointError
+from .errors import CheckpointError, InputError
 from .io import atomic_path
 from .models import DeepDEMRegressionTask, load_checkpoint, scale_for
 from .scene import FLOAT_NODATA, Scene
@@ -388,6 +388,9 @@ def _keep_heap(libc=None) -> bool:
 def steady_heap():
     """Keep glibc's heap while the model runs, and give the memory back afterwards.
 
+    Process-wide, so the library never does it by itself: ``deepdem refine`` (the command, a
+    process of its own) runs under it, and a caller who owns its process may too.
+
     Between two forward passes, refine's own small arrays disturb glibc's adaptive thresholds:
     the heap is then trimmed after each pass and the next pass's activations fault their pages
     in again, which made the model 17 % slower inside refine than in a bare loop (4096² bench,
@@ -418,7 +421,6 @@ def _worker_refiner(key: str, payload: tuple[dict, dict], scene: Scene, settings
         refiner = _WORKER_REFINERS.get(key)
         if refiner is None:
             model_kwargs, state = payload
-            _keep_heap()  # a worker process refines block after block: see steady_heap
             task = DeepDEMRegressionTask(model_kwargs)
             task.load_state_dict(state)
             refiner = BlockRefiner(task, scene, settings)
@@ -516,7 +518,9 @@ def refine(
             scene.path,
         )
     if not 0.0 <= overlap < 1.0:
-        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+        raise InputError(f"overlap must be in [0, 1), got {overlap}")
+    if batch_size < 1 or block_size < 1 or workers < 0:
+        raise InputError(f"batch_size and block_size must be ≥ 1 and workers ≥ 0 (got {batch_size}, {block_size}, {workers})")
     targets = tuple(task.targets)
     if chm and len(targets) < 2:
         raise CheckpointError("--chm needs a model with DSM and DTM heads (target 'both')")
@@ -570,11 +574,10 @@ def refine(
                                 client, workers, scheduler, lambda b: bar.update(chips_per_block[b]))
         else:
             refiner = BlockRefiner(task, scene, settings)
-            with steady_heap():
-                for block, loaded in _loaded_blocks(refiner, todo):
-                    data = refiner.refine_block(block, on_chips=bar.update, loaded=loaded)
-                    del loaded
-                    _commit_block(work, journal_path, journal, block, data)
+            for block, loaded in _loaded_blocks(refiner, todo):
+                data = refiner.refine_block(block, on_chips=bar.update, loaded=loaded)
+                del loaded
+                _commit_block(work, journal_path, journal, block, data)
 
     unfinished = {b.index for b in blocks} - set(journal["done"])
     if unfinished:  # a guard: never publish an output with blocks missing

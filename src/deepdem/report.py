@@ -326,7 +326,9 @@ def report_markdown(evaluation: Evaluation, figures: list[FigureInfo], sources: 
 
 def write_report(evaluation: Evaluation, out: str | os.PathLike, sources: dict | None = None) -> Report:
     """Write ``out/`` (``report.md``, ``metrics.json``, figures) atomically: the directory appears
-    only when complete, replacing an older report."""
+    only when complete, replacing an older report. ``sources`` (the files compared) defaults to
+    what :func:`deepdem.evaluate.evaluate` recorded."""
+    sources = sources if sources is not None else (evaluation.sources or None)
     data = evaluation.data
     if data is None:
         raise ValueError("the evaluation holds no arrays (evaluate with evaluate() or evaluate_arrays())")

@@ -30,7 +30,7 @@ from rasterio.transform import from_origin
 from scipy import ndimage
 
 from .errors import InputError
-from .io import FLOAT32_MIN, atomic_directory, write_raster
+from .io import FLOAT32_MIN, atomic_directory, read_band, write_raster
 from .lidar.ground import fill_nearest
 
 ASP_FILES = {
@@ -480,25 +480,25 @@ def synth_from_lidar(
     truth is written unchanged (NaN where the LIDAR has none); the stereo products are made from
     it with its gaps filled by the nearest value.
     """
-    from .prepare import read_grid  # prepare is the heavier module; synth's generator needs none of it
-
-    grid, dsm = read_grid(truth_dsm)
-    dtm_grid, dtm = read_grid(truth_dtm)
-    if dtm.shape != dsm.shape or dtm_grid.transform != grid.transform:
+    dsm, transform, crs = read_band(truth_dsm)
+    dtm, dtm_transform, _ = read_band(truth_dtm)
+    if dtm.shape != dsm.shape or dtm_transform != transform:
         raise InputError(f"DTM grid {dtm.shape} is not the DSM's {dsm.shape}: grid both with the same bounds", truth_dtm)
+    if crs is None:
+        raise InputError("truth DSM has no CRS (assign one, e.g. deepdem lidar --crs)", truth_dsm)
     if not np.isfinite(dsm).any():
         raise InputError("truth DSM has no valid pixel", truth_dsm)
-    resolution = abs(grid.transform.a)
-    if not math.isclose(resolution, abs(grid.transform.e), rel_tol=1e-6):
-        raise InputError(f"truth DSM pixels are not square ({grid.transform.a} x {grid.transform.e})", truth_dsm)
+    resolution = abs(transform.a)
+    if not math.isclose(resolution, abs(transform.e), rel_tol=1e-6):
+        raise InputError(f"truth DSM pixels are not square ({transform.a} x {transform.e})", truth_dsm)
     # Blunders by area: a small LIDAR patch must not get a whole generated scene's worth.
-    config = SynthConfig(size=max(dsm.shape), resolution=resolution, seed=seed, crs=grid.crs.to_wkt(),
+    config = SynthConfig(size=max(dsm.shape), resolution=resolution, seed=seed, crs=crs.to_wkt(),
                          blunders_per_km2=15.0, **({"views": views} if views else {}))
     rng = np.random.default_rng(seed)
     cover = lidar_landcover(dsm, dtm, resolution)
     surface = fill_nearest(dsm.astype(np.float64))
     ground = np.fmin(fill_nearest(np.where(np.isfinite(dtm), dtm, dsm).astype(np.float64)), surface)
-    scene = observe(surface, ground, cover, config, rng, grid.transform, errors=errors)
+    scene = observe(surface, ground, cover, config, rng, transform, errors=errors)
     scene.truth_dsm, scene.truth_dtm = dsm.astype(np.float32), dtm.astype(np.float32)
     return write_asp_run(out, scene, {"generator": "deepdem.synth.synth_from_lidar", "errors": errors,
                                       "truth": [str(Path(truth_dsm).resolve()), str(Path(truth_dtm).resolve())]})

@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader
 
 from .data import ChipDataset, SceneArrays, collate_chips, largest_fitting_chip, spatial_split
 from .errors import InputError
+from .flags import fraction, non_negative_int, number, positive, positive_int
 from .models import DEFAULT_BANDS, SCALE_SOURCES, TARGETS, DeepDEMRegressionTask, load_checkpoint, save_checkpoint
 from .scene import Scene
 
@@ -56,8 +57,10 @@ class TrainConfig:
     holdout_fraction: float = field(default=0.0, metadata={"help": "share of each scene's long axis held out for validation (at least one chip); 0: train on every pixel and validate on the fit (or on --val-scene)"})
     val_scenes: list[str] = field(default_factory=list, metadata={"help": "scene directories to validate on (instead of a hold-out)"})
     scale_source: str = field(default="checkpoint", metadata={"help": "DSM scale factor of every scene, in training and refine: checkpoint (the training scenes' mean) or scene (each scene's own)"})
+    init: str | None = field(default=None, metadata={"help": "checkpoint to fine-tune from (same bands, target and architecture); its scale factor is kept"})
     identity_init: bool = field(default=True, metadata={"help": "start from a network that returns the input DSM unchanged (zeroed output layer)"})
     fill_holes: bool = field(default=True, metadata={"help": "fill the DSM's holes by inverse-distance weighting before normalising"})
+    relief_augmentation: bool = field(default=True, metadata={"help": "stretch (0.7-3x) and tilt (up to 40 deg) the relief of half the training chips, DSM and truth alike"})
     swap_images: bool = field(default=True, metadata={"help": "randomly swap the left and right images while training"})
     precision: str = field(default="auto", metadata={"help": "auto (bf16-mixed where supported), 32-true, bf16-mixed, 16-mixed"})
     channels_last: bool = field(default=True, metadata={"help": "channels-last memory format (about 1.4x faster on CPU)"})
@@ -124,15 +127,26 @@ def add_train_arguments(parser) -> None:
             parser.add_argument(f"--{f.name.replace('_', '-')}", action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
             kind = type(f.default) if f.default is not None and not isinstance(f.default, str) else str
-            if f.name == "max_minutes":
-                kind = float
-            if f.name == "devices":
-                kind = _int_or_str
-            parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=None, help=help_text)
+            kind = FLAG_TYPES.get(f.name, kind)
+            choices = FLAG_CHOICES.get(f.name)
+            parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=None, choices=choices, help=help_text)
 
 
 def _int_or_str(value: str):
     return int(value) if value.isdigit() else value
+
+
+#: Command-line types of the numeric fields: out of range is one line naming the flag, exit 2.
+FLAG_TYPES = {
+    "chip_size": number(int, 32), "batch_size": positive_int, "samples_per_epoch": positive_int,
+    "max_epochs": positive_int, "max_minutes": positive, "lr": positive, "lr_patience": non_negative_int,
+    "early_stopping_patience": non_negative_int, "holdout_fraction": fraction, "num_nodes": positive_int,
+    "num_workers": non_negative_int, "devices": _int_or_str,
+}
+FLAG_CHOICES = {
+    "target": list(TARGETS), "precision": ["auto", "32-true", "bf16-mixed", "16-mixed", "64-true", "32", "16", "bf16"],
+    "accelerator": ["auto", "cpu", "gpu", "cuda", "mps", "tpu"],
+}
 
 
 def _default_of(f) -> Any:
@@ -218,7 +232,21 @@ def train(scenes: Sequence[str | os.PathLike | Scene] | None = None, out: str | 
     return _train(config, list(callbacks))
 
 
+def _check_values(config: TrainConfig) -> None:
+    """The command line's range checks, for values from YAML or the library too."""
+    import argparse
+
+    for name, parse in FLAG_TYPES.items():
+        value = getattr(config, name)
+        if value is not None and name != "devices":
+            try:
+                parse(str(value))
+            except argparse.ArgumentTypeError as exc:
+                raise InputError(f"{name}: {exc}") from None
+
+
 def _train(config: TrainConfig, extra_callbacks: list[Callback]) -> TrainResult:
+    _check_values(config)
     if config.target not in TARGETS:
         raise InputError(f"target must be one of {', '.join(TARGETS)}, got {config.target!r}")
     opened = [s if isinstance(s, Scene) else Scene.open(s) for s in config.scenes]
@@ -252,6 +280,10 @@ def _train(config: TrainConfig, extra_callbacks: list[Callback]) -> TrainResult:
     for size in sorted({k for s in opened for k in s.scale_factors} - {chip_size}):
         gsf[str(size)] = float(np.mean([s.scale_factors[size] for s in opened if size in s.scale_factors]))
     gsf = dict(sorted(gsf.items(), key=lambda item: int(item[0])))
+    initial = _fine_tuning_start(config, bands) if config.init else None
+    if initial is not None and str(chip_size) in initial.model_kwargs.get("GSF_DICT", {}):
+        # The network learnt its weights in the units of this factor: fine-tuning keeps them.
+        gsf[str(chip_size)] = float(initial.model_kwargs["GSF_DICT"][str(chip_size)])
     # One factor for every scene (the training mean), as refine applies it to scenes never seen.
     shared_scale = gsf[str(chip_size)] if config.scale_source == "checkpoint" else None
     targets = list(TARGETS[config.target])
@@ -262,7 +294,8 @@ def _train(config: TrainConfig, extra_callbacks: list[Callback]) -> TrainResult:
     arrays = [scene_arrays(s) for s in opened]
     splits = [spatial_split(s.shape, chip_size, holdout) for s in opened]
     train_set = ChipDataset(arrays, [t for t, _ in splits], bands, chip_size, "train",
-                            config.samples_per_epoch, config.seed, swap_images=config.swap_images)
+                            config.samples_per_epoch, config.seed, swap_images=config.swap_images,
+                            relief_augmentation=config.relief_augmentation)
     if val_opened:
         val_set = ChipDataset([scene_arrays(s) for s in val_opened],
                               [spatial_split(s.shape, chip_size, 0.0)[1] for s in val_opened], bands, chip_size, "val")
@@ -278,6 +311,7 @@ def _train(config: TrainConfig, extra_callbacks: list[Callback]) -> TrainResult:
         "scale_source": config.scale_source,
         "dsm_holes": "idw" if config.fill_holes else "mean",
         "identity_init": config.identity_init,
+        "relief_augmentation": config.relief_augmentation,
         "normalisation": f"dsm: holes {'filled by IDW, ' if config.fill_holes else ''}(dsm - chip mean) / "
         f"{'training' if config.scale_source == 'checkpoint' else 'scene'} scale factor, nodata -> 0; "
         "orthos: CLAHE [0,1], nodata -> 0; triangulation_error: m, nodata -> -1; ndvi: nodata -> 0",
@@ -291,7 +325,11 @@ def _train(config: TrainConfig, extra_callbacks: list[Callback]) -> TrainResult:
         "seed": config.seed,
         "deepdem_version": __import__("deepdem").__version__,
     }
+    if initial is not None:
+        model_kwargs["init"] = str(Path(config.init).resolve())
     task = DeepDEMRegressionTask(model_kwargs)
+    if initial is not None:
+        task.load_state_dict(initial.state_dict())
     if config.channels_last:
         task = task.to(memory_format=torch.channels_last)
 
@@ -368,9 +406,24 @@ def _train(config: TrainConfig, extra_callbacks: list[Callback]) -> TrainResult:
     (out / "train.json").write_text(json.dumps({
         "checkpoint": str(checkpoint), "best_val_mae_m": result.best_val_mae,
         "initial_val_mae_m": result.initial_val_mae, "epochs": result.epochs,
-        "seconds": round(seconds, 1), "resumed_after_epoch": resumed_epoch, "model_kwargs": model_kwargs,
+        "seconds": round(seconds, 1), "resumed_after_epoch": resumed_epoch, "world_size": trainer.world_size,
+        "model_kwargs": model_kwargs,
     }, indent=2))
     return result
+
+
+def _fine_tuning_start(config: TrainConfig, bands: list[str]) -> DeepDEMRegressionTask:
+    """The checkpoint to fine-tune from, refused unless its network is the one being trained."""
+    initial = load_checkpoint(config.init)
+    kwargs = initial.model_kwargs
+    wanted = {"bands": bands, "target": config.target, "arch": config.arch, "encoder": config.encoder}
+    have = {"bands": list(kwargs["bands"]), "target": kwargs.get("target", "dsm"), "arch": kwargs.get("arch", "Unet"),
+            "encoder": kwargs.get("encoder", "resnet18")}
+    different = [f"{key} {have[key]} (this run: {wanted[key]})" for key in wanted
+                 if have[key] != wanted[key] and not (key == "encoder" and config.arch.lower() == "resdepth")]
+    if different:
+        raise InputError(f"cannot fine-tune from this checkpoint: {'; '.join(different)}", config.init)
+    return initial
 
 
 def _load_lightning_weights(path: str | os.PathLike, model_kwargs: dict) -> DeepDEMRegressionTask:

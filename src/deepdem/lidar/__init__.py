@@ -8,11 +8,12 @@ the relief-aware outlier filter (:class:`OutlierParams`), and remote access
 (:func:`find_3dep`, :func:`open_remote`).
 """
 
+from .chunks import PointSource
 from .crs import PointMapper, SourceCRS, read_las_crs
 from .grid import GridSpec, tin_interpolate
 from .ground import OutlierParams, SMRFParams, smrf_object_mask, smrf_surface
 from .products import LidarProducts, grid_lidar, write_products
-from .read import PointFilter, PointSource, open_sources, stream_points
+from .read import PointFilter, open_sources, stream_points
 from .remote import DEFAULT_3DEP_INDEX, find_3dep, open_remote
 
 __all__ = [

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from ..errors import DeepDEMError, InputError
+from ..flags import OneLineParser, number, positive
 from .ground import OutlierParams, SMRFParams
 from .read import NOISE_CLASSES, PointFilter
 
@@ -22,16 +23,16 @@ def add_lidar_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="*", metavar="INPUT",
                    help="LAS/LAZ/COPC files, folders, or http(s) URLs (COPC or EPT ept.json)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
-    p.add_argument("--resolution", type=float, help="cell size in output CRS units")
+    p.add_argument("--resolution", type=positive, help="cell size in output CRS units")
     p.add_argument("--crs", help="output CRS (e.g. EPSG:32631): points are reprojected and "
                                  "heights converted to its units; assigned to files without one")
     p.add_argument("--bounds", type=float, nargs=4, metavar=("XMIN", "YMIN", "XMAX", "YMAX"),
                    help="output extent in the output CRS (default: union of the inputs)")
     p.add_argument("--like", metavar="RASTER", help="copy the grid of this raster")
     p.add_argument("--chm", action="store_true", help="also write chm.tif = DSM - DTM")
-    p.add_argument("--max-gap", type=float, default=20.0, metavar="M",
+    p.add_argument("--max-gap", type=number(float, 0), default=20.0, metavar="M",
                    help="longest gap (m) the DTM triangulation may bridge (default 20)")
-    p.add_argument("--dsm-fill-gap", type=float, default=1.0, metavar="M",
+    p.add_argument("--dsm-fill-gap", type=number(float, 0), default=1.0, metavar="M",
                    help="fill DSM cells without returns within this distance (m, default 1; "
                         "0 disables)")
     g = p.add_argument_group("ground")
@@ -40,11 +41,11 @@ def add_lidar_parser(subparsers) -> argparse.ArgumentParser:
                         "no point is classified ground)")
     g.add_argument("--ground-classes", type=int, nargs="+", default=[2], metavar="C")
     d = SMRFParams()
-    g.add_argument("--smrf-cell", type=float, default=d.cell, metavar="M")
-    g.add_argument("--smrf-slope", type=float, default=d.slope)
-    g.add_argument("--smrf-window", type=float, default=d.window, metavar="M")
-    g.add_argument("--smrf-threshold", type=float, default=d.threshold, metavar="M")
-    g.add_argument("--smrf-scalar", type=float, default=d.scalar)
+    g.add_argument("--smrf-cell", type=positive, default=d.cell, metavar="M")
+    g.add_argument("--smrf-slope", type=number(float, 0), default=d.slope)
+    g.add_argument("--smrf-window", type=positive, default=d.window, metavar="M")
+    g.add_argument("--smrf-threshold", type=positive, default=d.threshold, metavar="M")
+    g.add_argument("--smrf-scalar", type=number(float, 0), default=d.scalar)
     f = p.add_argument_group("point filters")
     f.add_argument("--exclude-classes", type=int, nargs="*", default=list(NOISE_CLASSES),
                    metavar="C", help="classes dropped (default: 7 18, the noise classes)")
@@ -53,8 +54,8 @@ def add_lidar_parser(subparsers) -> argparse.ArgumentParser:
     f.add_argument("--outlier-filter", action="store_true",
                    help="drop isolated high/low points (relief-aware, local)")
     o = OutlierParams()
-    f.add_argument("--outlier-threshold", type=float, default=o.threshold, metavar="M")
-    f.add_argument("--outlier-relief-factor", type=float, default=o.relief_factor)
+    f.add_argument("--outlier-threshold", type=positive, default=o.threshold, metavar="M")
+    f.add_argument("--outlier-relief-factor", type=positive, default=o.relief_factor)
     r = p.add_argument_group("USGS 3DEP")
     r.add_argument("--3dep", dest="usgs_3dep", action="store_true",
                    help="fetch USGS 3DEP points over --bounds (in --crs) or the --like grid")
@@ -63,7 +64,7 @@ def add_lidar_parser(subparsers) -> argparse.ArgumentParser:
     r.add_argument("--date", help="pick the 3DEP survey nearest this date (YYYY or YYYY-MM-DD)")
     r.add_argument("--all-surveys", action="store_true",
                    help="use every intersecting 3DEP survey, not only the nearest/newest")
-    r.add_argument("--buffer", type=float, default=None, metavar="M",
+    r.add_argument("--buffer", type=number(float, 0), default=None, metavar="M",
                    help="extra margin read around the grid (default: --max-gap)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=run_lidar)
@@ -119,7 +120,7 @@ def run_lidar(args) -> int:
 
 def main(argv=None) -> int:
     """Standalone entry point (``python -m deepdem.lidar.cli``) for use before wiring."""
-    parser = argparse.ArgumentParser(prog="deepdem")
+    parser = OneLineParser(prog="deepdem")
     sub = parser.add_subparsers(dest="command", required=True)
     add_lidar_parser(sub)
     args = parser.parse_args(argv)

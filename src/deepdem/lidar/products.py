@@ -18,10 +18,11 @@ import pyproj
 
 from ..errors import InputError
 from ..io import atomic_directory, write_raster
+from .chunks import DEFAULT_CHUNK, PointSource
 from .crs import horizontal_part, output_units, parse_user_crs
 from .grid import CellStats, GridSpec, GroundCells, fill_small_gaps, tin_interpolate
 from .ground import GroundClassifier, OutlierFilter, OutlierParams, SMRFParams, smrf_surface
-from .read import DEFAULT_CHUNK, PointFilter, PointSource, open_sources, stream_points
+from .read import PointFilter, open_sources, stream_points
 
 NODATA = -9999.0
 GROUND_MODES = ("auto", "class", "filter")

@@ -28,6 +28,7 @@ import numpy as np
 import pyproj
 
 from ..errors import InputError
+from .chunks import PointSource, RawChunk
 from .crs import SourceCRS, _make, read_las_crs
 
 DEFAULT_3DEP_INDEX = "https://raw.githubusercontent.com/hobuinc/usgs-lidar/master/boundaries/resources.geojson"
@@ -220,7 +221,6 @@ class EptDataset:
             raise InputError(f"corrupt EPT node ({exc})", url) from None
 
     def chunks(self, query=None, progress: bool | None = None) -> Iterator:
-        from .read import RawChunk
 
         nodes = self.nodes(query)
         bar = _progress(len(nodes), "EPT nodes", progress)
@@ -242,8 +242,6 @@ class EptDataset:
 
 
 def _subset_chunk(chunk, m):
-    from .read import RawChunk
-
     return RawChunk(**{k: v[m] for k, v in vars(chunk).items()})
 
 
@@ -268,8 +266,6 @@ def ept_crs(srs: dict, url: str) -> SourceCRS | None:
 
 
 def copc_chunks(url: str, query=None, retries: int = 4) -> Iterator:
-    from .read import RawChunk
-
     stream = HttpRangeFile(url, retries=retries)
     try:
         with laspy.CopcReader(stream, close_fd=True) as reader:
@@ -292,7 +288,6 @@ def copc_chunks(url: str, query=None, retries: int = 4) -> Iterator:
 def open_remote(url: str, assign_crs=None, retries: int = 4, **_):
     """A :class:`PointSource` for an http(s) EPT ``ept.json`` or COPC ``.copc.laz`` URL."""
     from .crs import assumed_crs
-    from .read import PointSource
 
     if urllib.parse.urlsplit(url).path.rstrip("/").endswith("ept.json"):
         ds = EptDataset(url, retries=retries)
@@ -301,7 +296,7 @@ def open_remote(url: str, assign_crs=None, retries: int = 4, **_):
             if assign_crs is None:
                 raise InputError("EPT has no srs; give --crs to assign one", url)
             crs = assumed_crs(assign_crs)
-        return PointSource(url, "ept", crs, ds.bounds, ds.points, {"dataset": ds})
+        return PointSource(url, "ept", crs, ds.bounds, ds.points, {"dataset": ds}, reader=source_chunks)
     stream = HttpRangeFile(url, retries=retries)
     try:
         reader = laspy.CopcReader(stream, close_fd=True)
@@ -320,7 +315,7 @@ def open_remote(url: str, assign_crs=None, retries: int = 4, **_):
         if assign_crs is None:
             raise InputError("no usable CRS in the file; give --crs to assign one", url)
         crs = assumed_crs(assign_crs)
-    return PointSource(url, "copc", crs, b, count)
+    return PointSource(url, "copc", crs, b, count, reader=source_chunks)
 
 
 def source_chunks(source, chunk_size: int, query=None) -> Iterator:
