@@ -16,7 +16,8 @@ class OneLineParser(argparse.ArgumentParser):
     """An ArgumentParser whose errors are one line ``deepdem: error: ...`` and exit status 2."""
 
     def error(self, message: str):
-        print(f"deepdem: error: {self.prog.split(' ', 1)[-1]}: {message} (see '{self.prog} --help')", file=sys.stderr)
+        command = self.prog.split(" ", 1)[1] + ": " if " " in self.prog else ""
+        print(f"deepdem: error: {command}{message} (see '{self.prog} --help')", file=sys.stderr)
         raise SystemExit(2)
 
 
