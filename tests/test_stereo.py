@@ -47,6 +47,13 @@ def interior(a: np.ndarray) -> np.ndarray:
     return a[MARGIN:-MARGIN, MARGIN:-MARGIN]
 
 
+def box_scene(box, height, texture_seed, noise_seed, size=200):
+    """Flat ground at 100 m with a box ``height`` m high on ``box``, and its simulated pair."""
+    truth = np.full((size, size), 100.0)
+    truth[box] += height
+    return truth, simulate_stereo(truth, texture(truth.shape, texture_seed), RES, VIEWS, np.random.default_rng(noise_seed))
+
+
 @pytest.fixture(scope="module")
 def flat():
     truth = np.full((192, 192), 100.0)
@@ -60,9 +67,7 @@ BLOCK_HEIGHT = 10.0
 
 @pytest.fixture(scope="module")
 def block():
-    truth = np.full((200, 200), 100.0)
-    truth[BLOCK] += BLOCK_HEIGHT
-    return truth, simulate_stereo(truth, texture(truth.shape, 2), RES, VIEWS, np.random.default_rng(3))
+    return box_scene(BLOCK, BLOCK_HEIGHT, 2, 3)
 
 
 def test_geometry_of_the_default_pair():
@@ -144,9 +149,7 @@ TOWER_HEIGHT = 25.0
 
 @pytest.fixture(scope="module")
 def tower():
-    truth = np.full((200, 200), 100.0)
-    truth[TOWER] += TOWER_HEIGHT
-    return truth, simulate_stereo(truth, texture(truth.shape, 6), RES, VIEWS, np.random.default_rng(7))
+    return box_scene(TOWER, TOWER_HEIGHT, 6, 7)
 
 
 def test_occluded_ground_next_to_a_wall_is_a_hole_or_an_error(tower):

@@ -115,20 +115,6 @@ def invalid_mask(data: np.ndarray, nodata: float | None) -> np.ndarray:
     return invalid
 
 
-def read_band(path: str | os.PathLike) -> tuple[np.ndarray, "rasterio.Affine", CRS | None]:
-    """A single-band raster as float32 with NaN for nodata, its transform and CRS."""
-    with open_raster(path) as src:
-        if src.count != 1:
-            raise InputError(f"expected one band, the raster has {src.count}", path)
-        try:
-            raw = src.read(1)
-        except rasterio.errors.RasterioError as exc:
-            raise InputError(f"cannot read the raster's pixels ({str(exc).splitlines()[0]})", path) from None
-        data = raw.astype(np.float32)
-        data[invalid_mask(raw, src.nodata)] = np.nan
-        return data, src.transform, src.crs
-
-
 def write_raster(
     path: str | os.PathLike,
     array: np.ndarray,

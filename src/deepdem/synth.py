@@ -30,7 +30,7 @@ from rasterio.transform import from_origin
 from scipy import ndimage
 
 from .errors import InputError
-from .io import FLOAT32_MIN, atomic_directory, read_band, write_raster
+from .io import FLOAT32_MIN, atomic_directory, write_raster
 from .lidar.ground import fill_nearest
 
 ASP_FILES = {
@@ -480,12 +480,13 @@ def synth_from_lidar(
     truth is written unchanged (NaN where the LIDAR has none); the stereo products are made from
     it with its gaps filled by the nearest value.
     """
-    dsm, transform, crs = read_band(truth_dsm)
-    dtm, dtm_transform, _ = read_band(truth_dtm)
-    if dtm.shape != dsm.shape or dtm_transform != transform:
+    from .align import read_grid  # nodata to NaN and a usable CRS, as for every input raster
+
+    grid, dsm = read_grid(truth_dsm)
+    dtm_grid, dtm = read_grid(truth_dtm)
+    transform, crs = grid.transform, grid.crs
+    if dtm.shape != dsm.shape or dtm_grid.transform != transform:
         raise InputError(f"DTM grid {dtm.shape} is not the DSM's {dsm.shape}: grid both with the same bounds", truth_dtm)
-    if crs is None:
-        raise InputError("truth DSM has no CRS (assign one, e.g. deepdem lidar --crs)", truth_dsm)
     if not np.isfinite(dsm).any():
         raise InputError("truth DSM has no valid pixel", truth_dsm)
     resolution = abs(transform.a)
