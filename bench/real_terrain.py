@@ -44,7 +44,7 @@ from deepdem.baselines import compute_baselines
 from deepdem.evaluate import evaluate_arrays
 from deepdem.lidar import grid_lidar, write_products
 from deepdem.prepare import prepare_from_asp_dir
-from deepdem.refine import refine
+from deepdem.refine import refine, sigma_path
 from deepdem.scene import Scene
 from deepdem.synth import synth_from_lidar
 from deepdem.train import TrainConfig, train
@@ -71,8 +71,11 @@ CHIP = 128
 DEEPDEM = "deepdem (defaults)"
 BEFORE = "deepdem, previous defaults"
 PLAIN = "plain smp Unet-resnet18"
+NO_SIGMA = "deepdem, no σ head"
 DSM_MODELS = {
     DEEPDEM: {},
+    # the price of the uncertainty head: the same defaults trained for heights alone
+    NO_SIGMA: dict(uncertainty=False),
     BEFORE: dict(scale_source="scene", fill_holes=False, holdout_fraction=0.2, identity_init=False,
                  relief_augmentation=False),
     # ResDepth's network as published (randomly initialised, no relief augmentation), in deepdem's pipeline
@@ -80,6 +83,7 @@ DSM_MODELS = {
     "ResDepth-UNet, stereo": dict(arch="ResDepth", bands=["dsm", "ortho_left", "ortho_right"], identity_init=False,
                                   relief_augmentation=False),
 }
+CALIBRATION_KEYS = ("coverage_68", "coverage_90", "coverage_95", "spearman", "sharpness", "mae")
 OWN_SCALE = "deepdem, refined with the scene's own scale factor"
 ABLATIONS = {
     "deepdem, no relief augmentation": dict(relief_augmentation=False),
@@ -206,13 +210,22 @@ def read_refined(path: Path) -> np.ndarray:
         return src.read(1, masked=True).filled(np.nan).astype(np.float64)
 
 
-def score(scene: Scene, dems: dict[str, np.ndarray], target: str = "dsm"):
-    """Evaluation on the pixels valid in the truth, the inputs and every DEM."""
+def score(scene: Scene, dems: dict[str, np.ndarray], target: str = "dsm", sigma: np.ndarray | None = None):
+    """Evaluation on the pixels valid in the truth, the inputs and every DEM (σ: of the first DEM)."""
     valid = scene.read("nodata_mask") > 0
     truth = np.where(valid, scene.read(f"truth_{target}"), np.nan)
     height = scene.read("truth_dsm") - scene.read("truth_dtm")
     return evaluate_arrays(truth, dems, scene.grid, ndvi=scene.read("ndvi"), height=height,
-                           terrain=scene.read("truth_dtm"), target=target)
+                           terrain=scene.read("truth_dtm"), target=target, sigma=sigma)
+
+
+def record_calibration(results: dict, kind: str, key: tuple[str, str], evaluation) -> None:
+    """σ's calibration on a held-out scene, overall and under tall vegetation, for the tables."""
+    for stratum in ("all", "tall vegetation", "bare"):
+        metrics = evaluation.calibration.get(stratum)
+        if metrics and metrics["count"] >= 1000:
+            results.setdefault(kind, {}).setdefault(f"{key[0]}|{key[1]}|{stratum}", []).append(
+                {k: metrics[k] for k in CALIBRATION_KEYS})
 
 
 def initial_and_baselines(scene: Scene, target: str = "dsm") -> dict[str, np.ndarray]:
@@ -227,7 +240,7 @@ def run(work: Path, seeds: list[int], seconds: float, ablations: bool, only: lis
     scenes = build_scenes(work)
     train_scenes = [s for (site, _), s in scenes.items() if SITES[site][1] == "train"]
     tests = {key: s for key, s in scenes.items() if SITES[key[0]][1] == "test"}
-    results: dict = {"dsm": {}, "dtm": {}, "strata": {}, "epochs": {}}
+    results: dict = {"dsm": {}, "dtm": {}, "strata": {}, "epochs": {}, "calibration": {}, "calibration_dtm": {}}
     models = {DEEPDEM: {}, **ABLATIONS} if ablations else DSM_MODELS
     if ablations and not only:
         only = [DEEPDEM, *ABLATIONS]
@@ -250,9 +263,12 @@ def run(work: Path, seeds: list[int], seconds: float, ablations: bool, only: lis
             results["epochs"].setdefault(name, []).append(result.epochs)
             for key, scene in tests.items():
                 refined = refine(result.checkpoint, scene, run_dir / "refined.tif", progress=False)
-                dems = {**initial_and_baselines(scene), name: read_refined(refined)}
-                evaluation = score(scene, dems)
+                sigma = read_refined(sigma_path(refined)) if sigma_path(refined).exists() else None
+                dems = {name: read_refined(refined), **initial_and_baselines(scene)}
+                evaluation = score(scene, dems, sigma=sigma)
                 record("dsm", key, evaluation, [name])
+                if name == DEEPDEM and sigma is not None:
+                    record_calibration(results, "calibration", key, evaluation)
                 if name == DEEPDEM:
                     for stratum, entry in evaluation.strata.items():
                         if entry.get("pixels", 0) >= 1000 and "metrics" in entry:
@@ -289,8 +305,11 @@ def train_dtm(train_scenes, tests, seconds, seed, results, work):
                    callbacks=[CpuBudget(seconds)])
     for key, scene in tests.items():
         refined = refine(result.checkpoint, scene, run_dir / "refined.tif", progress=False)
-        dems = {**initial_and_baselines(scene, "dtm"), "deepdem --target dtm": read_refined(refined)}
-        evaluation = score(scene, dems, "dtm")
+        sigma = read_refined(sigma_path(refined)) if sigma_path(refined).exists() else None
+        dems = {"deepdem --target dtm": read_refined(refined), **initial_and_baselines(scene, "dtm")}
+        evaluation = score(scene, dems, "dtm", sigma=sigma)
+        if sigma is not None:
+            record_calibration(results, "calibration_dtm", key, evaluation)
         for stratum in ("tall vegetation", "bare", "all"):
             entry = evaluation.strata.get(stratum)
             if entry and entry["pixels"]:
@@ -300,19 +319,62 @@ def train_dtm(train_scenes, tests, seconds, seed, results, work):
     print(f"seed {seed} | deepdem --target dtm: {result.epochs} epochs, {time.time() - started:.0f} s", flush=True)
 
 
+def recalibrate(work: Path, seeds: list[int], results: dict) -> dict:
+    """Refit σ's calibration factor of the saved deepdem checkpoints (defaults, DTM) with
+    training's own step (:func:`deepdem.train.calibrate_sigma` on the training scenes'
+    validation chips, as ``train`` builds them), then score σ on the held-out scenes again.
+
+    For a change of the calibration alone: the weights, hence every height and MAE, stay the
+    same (checked against the recorded MAEs).
+    """
+    from deepdem.data import ChipDataset, SceneArrays, collate_chips, spatial_split
+    from deepdem.models import load_checkpoint, save_checkpoint
+    from deepdem.train import calibrate_sigma
+    from torch.utils.data import DataLoader
+
+    scenes = build_scenes(work)
+    train_scenes = [s for (site, _), s in scenes.items() if SITES[site][1] == "train"]
+    tests = {key: s for key, s in scenes.items() if SITES[key[0]][1] == "test"}
+    results["calibration"], results["calibration_dtm"] = {}, {}
+    for i, seed in enumerate(seeds):
+        for run, target, name, kind in ((f"run-{seed}-0", "dsm", DEEPDEM, "calibration"),
+                                        (f"run-{seed}-dtm", "dtm", "deepdem --target dtm", "calibration_dtm")):
+            checkpoint = work / run / "best.ckpt"
+            task = load_checkpoint(checkpoint)
+            kwargs = task.model_kwargs
+            arrays = [SceneArrays(s, kwargs["bands"], [target], CHIP, scale=float(kwargs["GSF_DICT"][str(CHIP)]),
+                                  fill_holes=kwargs.get("dsm_holes") == "idw") for s in train_scenes]
+            validation = ChipDataset(arrays, [spatial_split(s.shape, CHIP, 0.0)[1] for s in train_scenes],
+                                     kwargs["bands"], CHIP, "val")
+            loader = DataLoader(validation, batch_size=16, collate_fn=collate_chips)
+            kwargs["sigma_temperature"] = calibrate_sigma(task, loader, "cpu", autocast=True)
+            save_checkpoint(task, checkpoint)
+            for key, scene in tests.items():
+                refined = refine(checkpoint, scene, work / run / "recalibrated.tif", progress=False)
+                dems = {name: read_refined(refined), **initial_and_baselines(scene, target)}
+                evaluation = score(scene, dems, target, sigma=read_refined(sigma_path(refined)))
+                record_calibration(results, kind, key, evaluation)
+                if target == "dsm":
+                    recorded = results["dsm"][f"{key[0]}|{key[1]}"][DEEPDEM][i]
+                    assert abs(evaluation.metrics[name]["mae"] - recorded) < 1e-6, (key, recorded)
+            print(f"seed {seed} | {name}: σ factor {kwargs['sigma_temperature']:.3f}", flush=True)
+    results["calibration_refit"] = "σ factors refitted on the same checkpoints (--recalibrate)"
+    return results
+
+
 def default_work() -> Path:
     return Path(os.environ.get("TMPDIR", "/tmp")) / "deepdem-real-terrain"
 
 
 # -- tables -------------------------------------------------------------------------------------
 
-def _cell(values: list[float]) -> str:
+def _cell(values: list[float], digits: int = 3) -> str:
     values = [v for v in values if np.isfinite(v)]
     if not values:
         return ""
     if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{np.median(values):.3f} ({min(values):.2f}–{max(values):.2f})"
+        return f"{values[0]:.{digits}f}"
+    return f"{np.median(values):.{digits}f} ({min(values):.{max(digits - 1, 0)}f}–{max(values):.{max(digits - 1, 0)}f})"
 
 
 def ablation_tables(results: dict, seeds: list[int], seconds: float) -> list[str]:
@@ -336,7 +398,7 @@ def tables(results: dict, seeds: list[int], seconds: float) -> list[str]:
     dsm = results["dsm"]
     methods = list(dict.fromkeys(m for per in dsm.values() for m in per))
     order = ["initial DSM", "idw_median", "idw_gaussian", PLAIN, "ResDepth-UNet, DSM only", "ResDepth-UNet, stereo",
-             BEFORE, DEEPDEM]
+             BEFORE, NO_SIGMA, DEEPDEM]
     methods = [m for m in order if m in methods] + [m for m in methods if m not in order]
     rows = ["### DSM: MAE (m) on each held-out scene, median over seeds (min–max)", "",
             "| site | errors | " + " | ".join(methods) + " |", "|---|---|" + "---:|" * len(methods)]
@@ -344,8 +406,8 @@ def tables(results: dict, seeds: list[int], seconds: float) -> list[str]:
         site, errors = key.split("|")
         rows.append(f"| {site} | {errors} | " + " | ".join(_cell(per.get(m, [])) for m in methods) + " |")
     rows += ["", "### DSM: ratios of the seed-median MAEs", "",
-             "| site | errors | deepdem ÷ initial | plain UNet ÷ initial | deepdem ÷ plain UNet | deepdem ÷ best ResDepth | previous defaults ÷ initial |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+             "| site | errors | deepdem ÷ initial | plain UNet ÷ initial | deepdem ÷ plain UNet | deepdem ÷ best ResDepth | previous defaults ÷ initial | deepdem ÷ no σ head |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
     ratios = []
     for key, per in dsm.items():
         site, errors = key.split("|")
@@ -356,10 +418,17 @@ def tables(results: dict, seeds: list[int], seconds: float) -> list[str]:
         ratio = med[DEEPDEM] / med["initial DSM"]
         ratios.append(ratio)
         cells = [ratio, med.get(PLAIN, np.nan) / med["initial DSM"], med[DEEPDEM] / med.get(PLAIN, np.nan),
-                 med[DEEPDEM] / resdepth, med.get(BEFORE, np.nan) / med["initial DSM"]]
+                 med[DEEPDEM] / resdepth, med.get(BEFORE, np.nan) / med["initial DSM"],
+                 med[DEEPDEM] / med.get(NO_SIGMA, np.nan)]
         rows.append(f"| {site} | {errors} | " + " | ".join(f"{c:.3f}" if 0 < c < np.inf else "" for c in cells) + " |")
     if ratios:
         rows += ["", f"Median over the held-out scenes of deepdem's MAE ÷ initial: **{np.median(ratios):.3f}**."]
+    sigma_costs = [np.median(per[DEEPDEM]) / np.median(per[NO_SIGMA]) for per in dsm.values()
+                   if per.get(DEEPDEM) and per.get(NO_SIGMA)]
+    if sigma_costs:
+        rows += [f"Median over the held-out scenes of deepdem's MAE ÷ the same model without its σ head: "
+                 f"**{np.median(sigma_costs):.3f}**."]
+    rows += calibration_tables(results)
     if results["dtm"]:
         rows += ["", "### DTM under vegetation: MAE (m) against the LIDAR DTM, median over seeds (min–max)", "",
                  "| site | errors | stratum | deepdem --target dtm | SMRF ground filter | initial DSM | deepdem ÷ SMRF |",
@@ -386,6 +455,37 @@ def tables(results: dict, seeds: list[int], seconds: float) -> list[str]:
     return rows
 
 
+def calibration_tables(results: dict) -> list[str]:
+    """σ on the held-out scenes: coverage of its central intervals, rank correlation, sharpness."""
+    rows = []
+    for kind, title in (("calibration", "DSM"), ("calibration_dtm", "DTM (deepdem --target dtm)")):
+        per_scene = results.get(kind) or {}
+        if not per_scene:
+            continue
+        rows += ["", f"### Uncertainty σ of the refined {title} on the held-out scenes, median over seeds (min–max)", "",
+                 "| site | errors | stratum | 68 % interval covers (%) | 90 % covers (%) | 95 % covers (%) | "
+                 "Spearman σ vs abs(error) | median σ (m) | MAE (m) |",
+                 "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+        for key, seeds in per_scene.items():
+            cells = []
+            for metric in CALIBRATION_KEYS:
+                values = [float(s[metric]) for s in seeds if s[metric] is not None]
+                coverage = metric.startswith("coverage")
+                cells.append(_cell([100.0 * v for v in values], 1) if coverage else _cell(values, 2))
+            rows.append(f"| {' | '.join(key.split('|'))} | " + " | ".join(cells) + " |")
+        overall = {m: [float(np.median([s[m] for s in seeds])) for k, seeds in per_scene.items()
+                       if k.endswith("|all")] for m in ("coverage_68", "coverage_90", "spearman")}
+        if overall["coverage_68"]:
+            rows += ["", f"Over the held-out scenes (all pixels): the 68 % interval covers "
+                     f"{100 * min(overall['coverage_68']):.1f}–{100 * max(overall['coverage_68']):.1f} %, the 90 % "
+                     f"interval {100 * min(overall['coverage_90']):.1f}–{100 * max(overall['coverage_90']):.1f} %; "
+                     f"Spearman {min(overall['spearman']):.2f}–{max(overall['spearman']):.2f}. σ is the standard "
+                     "deviation of a Laplace error (intervals ±0.81σ, ±1.63σ, ±2.12σ), calibrated by one factor "
+                     "fitted on the training scenes' validation chips (their 68 % and 90 % intervals' coverage)"
+                     + (f"; {results['calibration_refit']}." if results.get("calibration_refit") else ".")]
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -396,6 +496,9 @@ def main() -> None:
                         help="train the defaults and each change undone on its own (a section of its own)")
     parser.add_argument("--tables-only", action="store_true", help="print (and --write) the tables of the last run")
     parser.add_argument("--only", nargs="+", help="run only the models whose name contains one of these")
+    parser.add_argument("--recalibrate", action="store_true",
+                        help="refit σ's calibration factor of the last run's checkpoints with the current "
+                        "training code and score σ again (the heights and MAEs do not change)")
     parser.add_argument("--write", action="store_true", help="update BENCHMARKS.md")
     args = parser.parse_args()
     if args.write and args.only:
@@ -405,6 +508,9 @@ def main() -> None:
     results_file = work / ("ablations.json" if args.ablations else "results.json")
     if args.tables_only:
         results = json.loads(results_file.read_text())
+    elif args.recalibrate:
+        results = recalibrate(work, args.seeds, json.loads(results_file.read_text()))
+        results_file.write_text(json.dumps(results, indent=1))
     else:
         results = run(work, args.seeds, args.cpu_seconds, args.ablations, args.only)
         results_file.write_text(json.dumps(results, indent=1))
@@ -414,6 +520,8 @@ def main() -> None:
     if args.write:
         command = (f"python bench/real_terrain.py --seeds {' '.join(map(str, args.seeds))} "
                    f"--cpu-seconds {args.cpu_seconds:.0f}{' --ablations' if args.ablations else ''} --write")
+        if results.get("calibration_refit"):
+            command += "`, then `" + command.replace(" --write", " --recalibrate --write")
         section = "Ablations on real LIDAR terrain" if args.ablations else "Accuracy on real LIDAR terrain, across sites"
         update_benchmarks(section, command, rows)
 

@@ -256,3 +256,130 @@ def test_cli_evaluate_bad_input_leaves_no_report(tmp_path, capsys):
     assert code == 2 and err.strip() == f"deepdem: error: {tmp_path / 'nope'}: scene directory not found"
     assert not (tmp_path / "rep").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".rep")]
+
+
+# -- the calibration of a per-pixel σ (evaluate --sigma) --------------------------------------
+import warnings  # noqa: E402
+
+from rasterio.errors import NotGeoreferencedWarning  # noqa: E402
+
+SQRT2 = float(np.sqrt(2))
+
+
+def _sigma_case(tmp_path, tag="laplace"):
+    """10×10 errors chosen row by row against σ = √2 (Laplace scale 1: the 68/90/95 % intervals
+    are ±1.139, ±2.303, ±2.996 m; Gaussian ±1.406, ±2.326, ±2.772 m). Row 0 has no σ (0 or nodata)."""
+    rows = [0.5] * 4 + [1.3] + [2.0] * 2 + [2.5] + [4.0] * 2
+    signs = np.where(np.arange(10) % 2, -1.0, 1.0)
+    refined = np.array([[r * sign for sign in signs] for r in rows])
+    sigma = np.full((10, 10), SQRT2)
+    sigma[0, :5] = 0.0
+    sigma[0, 5:] = -9999.0
+    tmp_path.mkdir(exist_ok=True)
+    t, r = _write(tmp_path / "t.tif", np.zeros((10, 10))), _write(tmp_path / "r.tif", refined)
+    s = _write(tmp_path / "s.tif", sigma)
+    if tag:
+        with rasterio.open(s, "r+") as dst:
+            dst.update_tags(DEEPDEM_SIGMA_DISTRIBUTION=tag)
+    return t, r, s
+
+
+def test_sigma_calibration_equals_hand_counts(tmp_path):
+    t, r, s = _sigma_case(tmp_path)
+    ev = evaluate(r, t, sigma=s)
+    assert ev.sigma_distribution == "laplace"  # from the file's tag
+    m = ev.calibration["all"]
+    # 90 pixels with σ: 30 at 0.5 m, 10 at 1.3, 20 at 2.0, 10 at 2.5, 20 at 4.0
+    assert m["count"] == 90
+    assert m["coverage_68"] == pytest.approx(30 / 90)
+    assert m["coverage_90"] == pytest.approx(60 / 90)
+    assert m["coverage_95"] == pytest.approx(70 / 90)
+    assert m["sharpness"] == pytest.approx(SQRT2) and m["mean_sigma"] == pytest.approx(SQRT2)
+    assert m["mae"] == pytest.approx(173 / 90)
+    assert np.isnan(m["spearman"])  # a constant σ ranks nothing
+    assert ev.metrics["refined"]["count"] == 100  # σ does not change the other metrics' pixels
+    saved = ev.to_json()
+    assert saved["calibration"]["all"]["coverage_90"] == pytest.approx(2 / 3)
+    assert saved["calibration"]["all"]["spearman"] is None and saved["sigma_distribution"] == "laplace"
+    assert ev.sources["sigma"] == str(s)
+    # Without a tag σ is read as Gaussian: 1.3 m now falls inside the 68 % interval.
+    _, _, plain = _sigma_case(tmp_path / "plain", tag=None)
+    gaussian = evaluate(r, t, sigma=plain)
+    assert gaussian.sigma_distribution == "gaussian"
+    assert gaussian.calibration["all"]["coverage_68"] == pytest.approx(40 / 90)
+    assert gaussian.calibration["all"]["coverage_95"] == pytest.approx(70 / 90)
+
+
+def test_cli_evaluate_sigma_prints_the_calibration(tmp_path, capsys):
+    from deepdem.cli import main
+
+    t, r, s = _sigma_case(tmp_path)
+    code = main(["evaluate", "--dem", str(r), "--truth", str(t), "--sigma", str(s), "--json", str(tmp_path / "m.json")])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "calibration of σ (laplace)" in out
+    row = next(line for line in out.splitlines() if line.startswith("all "))
+    assert row.split() == ["all", "90", "33.3", "66.7", "77.8", "1.414", "—"]
+    saved = json.loads((tmp_path / "m.json").read_text())
+    assert saved["calibration"]["all"]["coverage_68"] == pytest.approx(1 / 3)
+    code = main(["evaluate", "--dem", str(r), "--truth", str(t), "--sigma", str(s), "--sigma-distribution", "gaussian"])
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("all "))
+    assert code == 0 and "calibration of σ (gaussian)" in out
+    assert row.split()[2:5] == ["44.4", "66.7", "77.8"]
+
+
+def test_cli_evaluate_bad_sigma_is_one_line_naming_the_file(tmp_path, capsys):
+    from deepdem.cli import main
+
+    t, r, _ = _sigma_case(tmp_path)
+    empty = _write(tmp_path / "empty.tif", np.full((10, 10), -9999.0))
+    code = main(["evaluate", "--dem", str(r), "--truth", str(t), "--sigma", str(empty), "--report", str(tmp_path / "rep")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert err.strip() == f"deepdem: error: {empty}: σ raster has no valid pixel (finite and > 0)"
+    assert not (tmp_path / "rep").exists()
+    elsewhere = tmp_path / "nocrs.tif"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        with rasterio.open(elsewhere, "w", driver="GTiff", height=5, width=5, count=1, dtype="float32") as dst:
+            dst.write(np.ones((1, 5, 5), np.float32))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NotGeoreferencedWarning)  # a warning line would break the one-line error
+        code = main(["evaluate", "--dem", str(r), "--truth", str(t), "--sigma", str(elsewhere)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert err.strip() == f"deepdem: error: {elsewhere}: raster has no CRS and is not on the evaluated DEM's grid"
+
+
+def test_sigma_calibration_per_stratum_uses_the_same_pixels(tmp_path):
+    scene, refined = _scene(tmp_path)
+    rng = np.random.default_rng(3)
+    sigma = _write_grid(tmp_path / "sigma.tif", rng.uniform(0.1, 0.5, (64, 64)))
+    ev = evaluate(refined, scene=scene.path, sigma=sigma, sigma_distribution="gaussian")
+    assert list(ev.calibration) == list(ev.strata)  # "all", land cover, holes, slope bins
+    for name, entry in ev.strata.items():
+        expected = 0 if name == HOLES else entry["pixels"]  # the refined DEM has no value in the holes
+        assert ev.calibration[name]["count"] == expected, name
+    # The refined DEM is the truth + 0.2 m: inside the Gaussian 68 % interval (±0.99 σ) iff σ > 0.201.
+    with rasterio.open(sigma) as src:
+        s = src.read(1).astype(np.float64)
+    common = ev.data.common
+    assert ev.calibration["all"]["coverage_68"] == pytest.approx(np.mean(0.2 <= 0.994458 * s[common]), abs=1e-3)
+    assert "buildings" in ev.calibration_table() and "σ med (m)" in ev.calibration_table()
+
+
+def test_sigma_calibration_in_holes_covers_the_refined_dem_there():
+    truth = np.zeros((8, 8))
+    initial = np.full((8, 8), 1.0)
+    initial[:2, :] = np.nan  # 16 holes, filled by the refined DEM
+    refined = np.full((8, 8), 0.5)
+    sigma = np.full((8, 8), 1.0)
+    sigma[0, :4] = np.nan
+    ev = evaluate_arrays(truth, {"refined": refined, "initial": initial}, GRID_SMALL,
+                         holes=~np.isfinite(initial), sigma=sigma)
+    assert ev.calibration["all"]["count"] == 48
+    assert ev.calibration[HOLES]["count"] == 12
+    assert ev.calibration[HOLES]["coverage_68"] == 1.0  # 0.5 m < 0.81 m, the Laplace 68 % of σ = 1
+    assert ev.data.sigma is not None and ev.sigma_distribution == "laplace"
+    assert evaluate_arrays(truth, {"refined": refined}, GRID_SMALL).calibration == {}

@@ -11,7 +11,7 @@ from rasterio.windows import Window
 from deepdem.data import grid_positions
 from deepdem.errors import CheckpointError
 from deepdem.models import DeepDEMRegressionTask, load_checkpoint, save_checkpoint
-from deepdem.refine import blend_window, refine
+from deepdem.refine import blend_window, refine, sigma_path
 from deepdem.scene import FLOAT_NODATA, Grid, write_scene
 
 BANDS = ["dsm", "ortho_left", "ortho_right", "triangulation_error", "ndvi", "nodata_mask"]
@@ -195,8 +195,8 @@ def test_block_chips_are_normalised_like_normalise_chip(multi_block_scene):
     block = refine_module.plan_blocks(multi_block_scene.shape, 256)[1]  # rows 0-256, cols 256-512: has a hole
     refiner.refine_block(block)
     arrays = multi_block_scene.read_stack(BANDS)
-    rows = refine_module._chip_starts(600, chip, 48, block.row0, block.row1)
-    cols = refine_module._chip_starts(530, chip, 48, block.col0, block.col1)
+    rows = refine_module.chip_starts(600, chip, 48, block.row0, block.row1)
+    cols = refine_module.chip_starts(530, chip, 48, block.col0, block.col1)
     chips = np.concatenate(seen)
     assert len(chips) == len(rows) * len(cols) == 6 * 6
     for i, (r, c) in enumerate((r, c) for r in rows for c in cols):
@@ -301,11 +301,11 @@ def test_no_seams_error_at_chip_edges_matches_the_interior(prepared_scene, tmp_p
 
 
 def test_resume_after_a_kill_gives_the_same_bytes(multi_block_scene, tmp_path, monkeypatch):
-    task = random_task(seed=1)
+    task = random_task(seed=1, uncertainty="laplace")
     whole = refine(task, multi_block_scene, tmp_path / "whole.tif", block_size=256, progress=False)
 
     out = tmp_path / "killed.tif"
-    commit, calls = refine_module._commit_block, []
+    commit, calls = refine_module.commit_block, []
 
     def killed_after_four(*args):
         if len(calls) == 4:
@@ -313,33 +313,33 @@ def test_resume_after_a_kill_gives_the_same_bytes(multi_block_scene, tmp_path, m
         calls.append(args[3].index)
         commit(*args)
 
-    monkeypatch.setattr(refine_module, "_commit_block", killed_after_four)
+    monkeypatch.setattr(refine_module, "commit_block", killed_after_four)
     with pytest.raises(KeyboardInterrupt):
         refine(task, multi_block_scene, out, block_size=256, progress=False)
-    assert not out.exists()
-    work, journal = refine_module._work_paths(out)
-    assert work.exists() and len(__import__("json").loads(journal.read_text())["done"]) == 4
+    assert not out.exists() and not sigma_path(out).exists()
+    work, sigma_work, journal = refine_module.output.work_paths(out)
+    assert work.exists() and sigma_work.exists() and len(__import__("json").loads(journal.read_text())["done"]) == 4
 
-    monkeypatch.setattr(refine_module, "_commit_block", lambda *args: (calls.append(args[3].index), commit(*args)))
+    monkeypatch.setattr(refine_module, "commit_block", lambda *args: (calls.append(args[3].index), commit(*args)))
     refine(task, multi_block_scene, out, block_size=256, progress=False, resume=True)
     assert sorted(calls) == list(range(9)) and len(calls) == 9  # the 4 finished blocks were not redone
     assert out.read_bytes() == whole.read_bytes()
-    assert not work.exists() and not journal.exists()
+    assert sigma_path(out).read_bytes() == sigma_path(whole).read_bytes()  # σ survives the kill too
+    assert not work.exists() and not sigma_work.exists() and not journal.exists()
 
 
 def test_resume_with_other_settings_starts_over(multi_block_scene, tmp_path, monkeypatch):
     out = tmp_path / "o.tif"
-    work, journal = refine_module._work_paths(out)
-    commit = refine_module._commit_block
+    commit = refine_module.commit_block
 
     def fail_after_one(*args):
         commit(*args)
         raise RuntimeError("stop")
 
-    monkeypatch.setattr(refine_module, "_commit_block", fail_after_one)
+    monkeypatch.setattr(refine_module, "commit_block", fail_after_one)
     with pytest.raises(RuntimeError):
         refine(random_task(), multi_block_scene, out, block_size=256, progress=False)
-    monkeypatch.setattr(refine_module, "_commit_block", commit)
+    monkeypatch.setattr(refine_module, "commit_block", commit)
     refine(zero_residual_task(), multi_block_scene, out, block_size=256, progress=False, resume=True)
     data, _ = read(out)
     mask = multi_block_scene.read("nodata_mask") > 0
@@ -358,7 +358,7 @@ def test_tta_keeps_a_zero_residual_exact_and_changes_a_random_model(prepared_sce
 
 def test_two_dask_workers_give_the_single_process_bytes(multi_block_scene, tmp_path):
     distributed = pytest.importorskip("dask.distributed")
-    task = random_task(seed=2)
+    task = random_task(seed=2, uncertainty="laplace")
     single = refine(task, multi_block_scene, tmp_path / "single.tif", block_size=256, progress=False)
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
             distributed.Client(cluster) as client, distributed.get_task_stream(client) as stream:
@@ -367,6 +367,7 @@ def test_two_dask_workers_give_the_single_process_bytes(multi_block_scene, tmp_p
     workers = {t["worker"] for t in stream.data if str(t["key"]).startswith("deepdem-refine-")}  # one task per block
     assert len(workers) == 2 and len(pids) == 2 and os.getpid() not in pids  # two worker processes ran blocks
     assert spread.read_bytes() == single.read_bytes()
+    assert sigma_path(spread).read_bytes() == sigma_path(single).read_bytes()
 
 
 def test_refine_command_writes_the_cog_and_its_hillshade(prepared_scene, tmp_path):
@@ -381,3 +382,55 @@ def test_refine_command_writes_the_cog_and_its_hillshade(prepared_scene, tmp_pat
     assert (tmp_path / "cli_slope.tif").exists()
     assert main(["refine", "--checkpoint", str(checkpoint), "--scene", str(prepared_scene.path),
                  "--out", str(tmp_path / "chm.tif"), "--quiet", "--chm"]) == 2  # one head: refused
+
+
+def test_sigma_raster_is_metres_on_the_dsm_grid_with_its_nodata(multi_block_scene, tmp_path):
+    task = random_task(seed=3, uncertainty="laplace", sigma_temperature=2.0)
+    out = refine(task, multi_block_scene, tmp_path / "s.tif", block_size=256, bf16=False, progress=False)
+    heights, profile = read(out)
+    sigma, sigma_profile = read(sigma_path(out))
+    assert sigma_path(out).name == "s_sigma.tif"
+    for key in ("crs", "transform", "width", "height", "nodata", "dtype"):
+        assert sigma_profile[key] == profile[key]
+    np.testing.assert_array_equal(sigma == FLOAT_NODATA, heights == FLOAT_NODATA)
+    with rasterio.open(sigma_path(out)) as src:
+        assert src.tags()["DEEPDEM_SIGMA_DISTRIBUTION"] == "laplace"
+    valid = sigma != FLOAT_NODATA
+    assert (sigma[valid] > 0).all()
+    # A head with a constant σ channel: σ = √2 · (softplus(c) + 1e-3) · scale · temperature everywhere,
+    # the blending of equal values changing nothing, and heights still the input DSM.
+    constant = random_task(uncertainty="laplace", sigma_temperature=2.0, scale_source="checkpoint")  # scale 2 m
+    head = constant.model.segmentation_head[0]
+    torch.nn.init.zeros_(head.weight)
+    torch.nn.init.zeros_(head.bias)
+    head.bias.data[1] = 0.5
+    sigma, _ = read(sigma_path(refine(constant, multi_block_scene, tmp_path / "c.tif", block_size=256, bf16=False,
+                                      progress=False)))
+    expected = np.sqrt(2) * (np.log1p(np.exp(0.5)) + 1e-3) * 2.0 * 2.0
+    np.testing.assert_allclose(sigma[valid], expected, rtol=1e-5)
+    plain = random_task(seed=3)  # same seed, no σ head: no σ raster, and an old one is removed
+    refine(plain, multi_block_scene, out, block_size=256, progress=False)
+    assert not sigma_path(out).exists()
+
+
+def test_max_sigma_keeps_the_initial_dsm_or_writes_nodata(multi_block_scene, tmp_path):
+    task = random_task(seed=4, uncertainty="laplace")
+    base = refine(task, multi_block_scene, tmp_path / "b.tif", block_size=256, bf16=False, progress=False)
+    heights, _ = read(base)
+    sigma, _ = read(sigma_path(base))
+    valid = sigma != FLOAT_NODATA
+    threshold = float(np.median(sigma[valid]))
+    above = valid & (sigma > threshold)
+    kept = refine(task, multi_block_scene, tmp_path / "k.tif", block_size=256, bf16=False, progress=False,
+                  max_sigma=threshold)
+    k_heights, _ = read(kept)
+    k_sigma, _ = read(sigma_path(kept))
+    dsm = multi_block_scene.read("dsm")
+    np.testing.assert_array_equal(k_heights[above], dsm[above])  # the initial DSM, bit for bit
+    np.testing.assert_array_equal(k_heights[valid & ~above], heights[valid & ~above])
+    assert (k_sigma[above] == FLOAT_NODATA).all() and (k_sigma[valid & ~above] == sigma[valid & ~above]).all()
+    dropped = refine(task, multi_block_scene, tmp_path / "n.tif", block_size=256, bf16=False, progress=False,
+                     max_sigma=threshold, above_max_sigma="nodata")
+    assert (read(dropped)[0][above] == FLOAT_NODATA).all()
+    with pytest.raises(CheckpointError, match="sigma"):
+        refine(random_task(), multi_block_scene, tmp_path / "x.tif", progress=False, max_sigma=1.0)

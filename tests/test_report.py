@@ -104,3 +104,43 @@ def test_demo_figure_draws_the_seed_panel(synth, tmp_path):
     from deepdem.demo import demo_figure as from_demo
 
     assert from_demo is demo_figure
+
+
+# -- the per-pixel σ ----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def evaluation_with_sigma(synth):
+    grid = Grid(synth.crs, synth.transform, SIZE, SIZE)
+    initial = synth.dsm.astype(np.float64)
+    refined = np.where(np.isfinite(initial), 0.5 * (initial + synth.truth_dsm), np.nan)
+    sigma = 0.2 + 1.5 * np.abs(refined - synth.truth_dsm)  # larger where the error is
+    return evaluate_arrays(synth.truth_dsm, {"refined": refined, "initial": initial}, grid, ndvi=synth.ndvi,
+                           holes=~np.isfinite(initial), height=synth.truth_dsm - synth.truth_dtm,
+                           terrain=synth.truth_dtm, sigma=sigma, sigma_distribution="laplace")
+
+
+def test_report_with_sigma_has_reliability_sigma_map_and_section(evaluation_with_sigma, tmp_path):
+    from deepdem.report import RELIABILITY_STRATA
+    from deepdem.uncertainty import fit_temperature
+
+    ev = evaluation_with_sigma
+    report = write_report(ev, tmp_path / "report")
+    names = {p.name for p in report.path.iterdir()}
+    assert {"reliability.png", "sigma_map.png"} <= names
+    titles = {f.path.name: f.titles for f in report.figures}
+    assert titles["reliability.png"] == ["coverage of σ's central intervals (laplace)"]
+    assert titles["sigma_map.png"] == ["σ of the refined DEM (m)", "|refined − truth DSM| (m)"]
+    assert _png_size(report.path / "sigma_map.png") == (880, 400)
+    assert all(ev.calibration[name]["count"] > 0 for name in RELIABILITY_STRATA)  # all drawn
+    md = report.markdown.read_text()
+    section = md.split("## Uncertainty (σ)\n", 1)[1].split("\n## ", 1)[0]
+    assert "Laplace distribution" in section and "±0.81 σ, ±1.63 σ, ±2.12 σ" in section
+    assert "| Spearman σ vs \\|error\\| |" in section
+    m = ev.calibration["all"]
+    assert f"| all | {m['count']:,} | {100 * m['coverage_68']:.1f} | {100 * m['coverage_90']:.1f} |" in section
+    assert m["spearman"] == pytest.approx(1.0)  # σ is an increasing function of |error|
+    assert "(reliability.png)" in md and "(sigma_map.png)" in md
+    data = ev.data
+    t = fit_temperature(data.errors["refined"][data.common], data.sigma[data.common], "laplace")
+    assert f"Multiplying σ by **{t:.3f}**" in section
+    saved = json.loads(report.metrics.read_text())
+    assert saved["sigma_distribution"] == "laplace" and saved["calibration"]["all"]["count"] == m["count"]

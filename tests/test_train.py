@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from deepdem.data import ChipDataset, SceneArrays, fill_dsm_holes, normalise_chip, spatial_split
+from deepdem.data import (ChipDataset, SceneArrays, chip_means, fill_dsm_holes, normalise_chip, normalise_dsm,
+                          spatial_split)
 from deepdem.errors import InputError
 from deepdem.models import DeepDEMRegressionTask, load_checkpoint
 from deepdem.scene import Scene
@@ -130,9 +131,10 @@ def test_dsm_only_resdepth_and_two_heads_train(prepared_scene, tmp_path):
     task = load_checkpoint(both.checkpoint)
     assert task.targets == ("dsm", "dtm")
     with torch.no_grad():
-        assert task(torch.zeros(1, 6, 64, 64)).shape == (1, 2, 64, 64)
+        residual, sigma = task.split_output(task(torch.zeros(1, 6, 64, 64)))
+    assert residual.shape == sigma.shape == (1, 2, 64, 64) and (sigma > 0).all()  # a σ per head
     logged = (tmp_path / "both" / "logs" / "metrics.csv").read_text().splitlines()[0]
-    for column in ("val_mae", "val_rmse", "val_nmad", "val_bias", "lr"):
+    for column in ("val_mae", "val_rmse", "val_nmad", "val_bias", "lr", "val_nll", "val_coverage_68"):
         assert column in logged
     assert list((tmp_path / "both" / "tensorboard").glob("events.out.tfevents.*"))
 
@@ -193,7 +195,7 @@ def test_two_process_ddp_on_cpu_completes(prepared_scene, tmp_path):
     assert load_checkpoint(tmp_path / "ddp" / "best.ckpt").model_kwargs["chip_size"] == 64
 
 
-def test_rotated_chips_from_transposed_twins_equal_numpy_rotations(prepared_scene):
+def test_rotated_chips_equal_numpy_rotations(prepared_scene):
     arrays = SceneArrays(prepared_scene, ["dsm", "ortho_left"], "dsm", 64)
     plain = arrays.chip(10, 20, 64)
     for k in range(4):
@@ -206,7 +208,7 @@ def test_rotated_chips_from_transposed_twins_equal_numpy_rotations(prepared_scen
 
 
 def test_training_chips_equal_normalise_chip_of_the_same_rotated_pixels(prepared_scene):
-    """The fast batch path (cached fills, O(1) chip means, flips from the map) against the
+    """The batch path (cached fills, flips from the map, the batch normalised at once) against the
     reference normalisation that refine uses, for all eight orientations."""
     bands = ["dsm", "ortho_left", "ortho_right", "triangulation_error", "ndvi", "nodata_mask"]
     arrays = SceneArrays(prepared_scene, bands, "dsm", 64)
@@ -246,9 +248,22 @@ def test_scene_arrays_travel_to_worker_processes_as_maps_not_copies(prepared_sce
     copy = pickle.loads(payload)
     assert isinstance(copy.arrays["dsm"], np.memmap)
     np.testing.assert_array_equal(copy.view("truth_dsm", 5, 7, 64, 3, True), arrays.view("truth_dsm", 5, 7, 64, 3, True))
-    assert copy.dsm_mean(5, 7, 64) == arrays.dsm_mean(5, 7, 64) == pytest.approx(np.nanmean(fill_dsm_holes(prepared_scene.read("dsm"))[5:69, 7:71]))
+    np.testing.assert_array_equal(copy.view("dsm", 5, 7, 64), fill_dsm_holes(prepared_scene.read("dsm"))[5:69, 7:71])
     unfilled = SceneArrays(prepared_scene, ["dsm", "nodata_mask"], "dsm", 64, fill_holes=False)
-    assert unfilled.dsm_mean(5, 7, 64) == pytest.approx(np.nanmean(prepared_scene.read("dsm")[5:69, 7:71]))
+    np.testing.assert_array_equal(unfilled.view("dsm", 5, 7, 64), prepared_scene.read("dsm")[5:69, 7:71])
+
+
+def test_chip_means_and_normalise_dsm_on_a_hand_made_batch():
+    dsm = np.array([[[10.0, 12.0], [np.nan, 14.0]], [[np.nan, np.nan], [np.nan, np.nan]]], np.float32)
+    means = chip_means(dsm, fallback=np.array([0.0, 7.0]))
+    np.testing.assert_allclose(means, [12.0, 7.0])  # the valid mean; the fallback for an empty chip
+    channel, base = np.empty_like(dsm), np.empty_like(dsm)
+    valid = normalise_dsm(dsm, means, np.array([2.0, 4.0]), channel, base)
+    np.testing.assert_allclose(channel[0], [[-1.0, 0.0], [0.0, 1.0]])  # (h − 12) / 2, 0 where no data
+    np.testing.assert_allclose(channel[1], 0.0)
+    np.testing.assert_allclose(base[0], [[10, 12], [12, 14]])
+    np.testing.assert_allclose(base[1], 7.0)
+    assert valid.sum() == 3
 
 
 def test_one_scale_factor_for_every_training_scene_and_a_validation_scene(prepared_scene, tmp_path):
@@ -303,6 +318,9 @@ def test_fine_tuning_starts_from_the_checkpoint_and_keeps_its_scale_factor(prepa
     with pytest.raises(InputError, match="elsewhere.ckpt: cannot fine-tune from this checkpoint: bands"):
         train([prepared_scene], tmp_path / "other", chip_size=64, bands=["dsm", "ndvi"], max_epochs=1,
               progress=False, init=str(tmp_path / "elsewhere.ckpt"))
+    with pytest.raises(InputError, match="uncertainty laplace \\(this run: None\\)"):
+        train([prepared_scene], tmp_path / "other", chip_size=64, max_epochs=1, progress=False,
+              uncertainty=False, init=str(tmp_path / "elsewhere.ckpt"))
 
 
 def test_relief_augmentation_stretches_and_tilts_dsm_and_truth_alike(prepared_scene):
@@ -326,3 +344,56 @@ def test_relief_augmentation_stretches_and_tilts_dsm_and_truth_alike(prepared_sc
     assert 8 <= changed <= 24  # about half the chips
     validation = ChipDataset([arrays], [region], bands, 64, "val", relief_augmentation=True)
     assert not validation.relief_augmentation  # validation chips are never augmented
+
+
+def test_sigma_ranks_the_noisy_half_above_the_quiet_one(tmp_path):
+    """A scene whose initial DSM is 10x noisier in its right half (and says so in its
+    triangulation error, as ASP's does): the trained σ must be larger there, and calibrated."""
+    from rasterio.crs import CRS
+    from rasterio.transform import from_origin
+
+    from deepdem.refine import refine, sigma_path
+    from deepdem.scene import FLOAT_NODATA, Grid, write_scene
+
+    rng = np.random.default_rng(0)
+    height, width = 96, 192
+    rows, cols = np.mgrid[0:height, 0:width].astype(np.float32)
+    truth = 50 + 3 * np.sin(rows / 11.0) * np.cos(cols / 17.0)
+    noise_level = np.where(cols < width // 2, 0.1, 1.0).astype(np.float32)
+    dsm = truth + rng.laplace(0, 1, truth.shape) * noise_level
+    grid = Grid(CRS.from_epsg(32610), from_origin(500000, 5200000, 1.0, 1.0), height, width)
+    scene = write_scene(tmp_path / "scene", grid, {"dsm": dsm.astype(np.float32), "truth_dsm": truth.astype(np.float32),
+                                                    "triangulation_error": noise_level}, n_chips=200)
+    result = train([scene], tmp_path / "run", bands=["dsm", "triangulation_error", "nodata_mask"], chip_size=64,
+                   batch_size=4, max_epochs=10, samples_per_epoch=32, lr=3e-3, relief_augmentation=False,
+                   precision="32-true", progress=False)
+    task = load_checkpoint(result.checkpoint)
+    assert task.has_sigma and task.model_kwargs["sigma_temperature"] > 0
+    out = refine(task, scene, tmp_path / "refined.tif", bf16=False, progress=False)
+    import rasterio
+
+    with rasterio.open(sigma_path(out)) as src:
+        sigma = src.read(1)
+    with rasterio.open(out) as src:
+        errors = src.read(1) - truth
+    assert (sigma != FLOAT_NODATA).all()
+    quiet, noisy = np.median(sigma[:, 8:80]), np.median(sigma[:, 112:184])
+    assert noisy > 4 * quiet, (quiet, noisy)
+    # A Laplace σ is √2 × the mean |error|: within a factor 1.5 in each half (measured: 0.13 and 1.51
+    # against 0.14 and 1.40).
+    for sigma_half, error_half in ((quiet, errors[:, 8:80]), (noisy, errors[:, 112:184])):
+        assert 1 / 1.5 < sigma_half / (np.sqrt(2) * np.abs(error_half).mean()) < 1.5
+
+
+def test_training_cache_holds_one_model_ready_copy_of_the_bands(prepared_scene, tmp_path):
+    from deepdem.data import CACHE_BYTES_PER_PIXEL
+
+    bands = ["dsm", "ortho_left", "ortho_right", "triangulation_error", "ndvi", "nodata_mask"]
+    (tmp_path / "cache" / "dsm-v1-0.npy").parent.mkdir()
+    (tmp_path / "cache" / "dsm-T-v3-0.npy").write_bytes(b"stale")  # an older layout's file
+    SceneArrays(prepared_scene, bands, "dsm", 64, cache_dir=tmp_path / "cache")
+    files = list((tmp_path / "cache").glob("*.npy"))
+    assert len(files) == 7 and not (tmp_path / "cache" / "dsm-T-v3-0.npy").exists()
+    pixels = prepared_scene.shape[0] * prepared_scene.shape[1]
+    size = sum(f.stat().st_size for f in files)
+    assert CACHE_BYTES_PER_PIXEL == 25 and size <= pixels * CACHE_BYTES_PER_PIXEL + 7 * 128  # + .npy headers

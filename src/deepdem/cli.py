@@ -13,7 +13,7 @@ import warnings
 from pathlib import Path
 
 from . import __version__
-from .errors import DeepDEMError
+from .errors import CheckpointError, DeepDEMError
 from .flags import OneLineParser, fraction, non_negative_int, number, positive, positive_int
 
 
@@ -128,15 +128,28 @@ def _export(args) -> int:
 
 
 def _refine(args) -> int:
-    from .refine import refine, steady_heap
+    from . import products
+    from .models import load_checkpoint
+    from .refine import refine, sigma_path, steady_heap
 
+    if args.chm and len(load_checkpoint(args.checkpoint).targets) < 2:  # refused before refining
+        raise CheckpointError("--chm needs a model with DSM and DTM heads (target 'both')", args.checkpoint)
     with steady_heap():  # this process is the command's own: see steady_heap for the measured gain
         path = refine(args.checkpoint, args.scene, args.out, batch_size=args.batch_size, fill=args.fill,
                       device=args.device, progress=not args.quiet, overlap=args.overlap, tta=args.tta,
                       block_size=args.block_size, resume=args.resume, workers=args.workers,
-                      scheduler=args.scheduler, hillshade=args.hillshade, slope=args.slope, chm=args.chm,
-                      scale_source=args.scale_source)
+                      scheduler=args.scheduler, scale_source=args.scale_source, max_sigma=args.max_sigma,
+                      above_max_sigma=args.above_max_sigma)
     print(f"wrote {path}")
+    if sigma_path(path).exists():
+        print(f"wrote {sigma_path(path)}")
+    stem = path.with_suffix("")
+    if args.hillshade:
+        print(f"wrote {products.hillshade_raster(path, f'{stem}_hillshade.tif', multidirectional=args.hillshade == 'multidirectional')}")
+    if args.slope:
+        print(f"wrote {products.slope_raster(path, f'{stem}_slope.tif')}")
+    if args.chm:
+        print(f"wrote {products.canopy_height_raster(path, path, f'{stem}_chm.tif', dsm_band=1, dtm_band=2)}")
     return 0
 
 
@@ -157,7 +170,7 @@ def _evaluate(args) -> int:
     if args.truth is None and args.scene is None:
         raise DeepDEMError("no truth given: --truth FILE, or --scene DIR with a truth band")
     result = evaluate(args.dem, args.truth, initial=args.initial, scene=args.scene, coregister=args.coregister,
-                      target=args.target)
+                      target=args.target, sigma=args.sigma, sigma_distribution=args.sigma_distribution)
     if args.json:
         result.write_json(args.json)
     if args.report:
@@ -171,6 +184,9 @@ def _evaluate(args) -> int:
     if args.scene is not None or args.report is not None:
         print()
         print(result.main_table())
+    if result.calibration:
+        print()
+        print(result.calibration_table())
     if args.report is not None:
         print(f"report written to {Path(args.report) / 'report.md'}")
     return 0
@@ -248,7 +264,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_ndvi)
 
     p = sub.add_parser("train", help="train a refinement model on one or more scenes",
-                       description="Train a refinement model. Every flag is also a key of the YAML --config.")
+                       description="Train a refinement model. Every flag is also a key of the YAML --config. "
+                       "On first use each scene's bands are cached, model-ready, in <scene>/.cache/ (or the "
+                       "temporary directory for a read-only scene): one file per band, about 25 bytes per "
+                       "pixel (a 10,000 x 10,000 px scene: 2.5 GB); delete it freely, it is rebuilt.")
     from .train import add_train_arguments
 
     add_train_arguments(p)
@@ -277,6 +296,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write <out>_hillshade.tif")
     p.add_argument("--slope", action="store_true", help="also write <out>_slope.tif (degrees)")
     p.add_argument("--chm", action="store_true", help="also write <out>_chm.tif = DSM - DTM (two-head models)")
+    p.add_argument("--max-sigma", type=positive, metavar="S",
+                   help="where the predicted sigma exceeds S metres, apply --above-max-sigma (models with sigma)")
+    p.add_argument("--above-max-sigma", choices=["initial", "nodata"], default="initial",
+                   help="above --max-sigma: keep the initial DSM (DSM bands; default) or write nodata")
     p.add_argument("--scale-source", choices=["checkpoint", "scene"],
                    help="DSM scale factor: the training scenes' (checkpoint) or the scene's own "
                         "(default: as the checkpoint was trained)")
@@ -305,6 +328,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="shift each DEM onto the truth first (xdem Nuth & Kääb + vertical shift on stable ground)")
     p.add_argument("--report", help="write a report directory (report.md, metrics.json, PNG figures)")
     p.add_argument("--json", help="write the metrics as JSON")
+    p.add_argument("--sigma", metavar="FILE",
+                   help="per-pixel σ raster of the DEM, e.g. refine's <out>_sigma.tif: coverage of its "
+                        "68/90/95 %% intervals, sharpness, Spearman")
+    p.add_argument("--sigma-distribution", choices=("laplace", "gaussian"), default=None,
+                   help="σ is the standard deviation of this error distribution "
+                        "(default: the raster's tag, else gaussian)")
     p.set_defaults(func=_evaluate)
 
     p = sub.add_parser("demo", help="synth → prepare → train → refine → evaluate on generated scenes")

@@ -1,7 +1,8 @@
 """From Scene bands to model tensors: normalisation, chips, augmentation, spatial hold-out.
 
-The normalisation lives in one function, :func:`normalise_chip`, used by training and by
-``refine`` alike, so that the two can never disagree:
+The DSM's normalisation lives in one function, :func:`normalise_dsm` (vectorised over a batch
+of chips, with :func:`chip_means`), called by training, by ``refine`` and by the single-chip
+:func:`normalise_chip` alike, so that they cannot disagree:
 
 * DSM: holes first filled by inverse-distance weighting (:func:`fill_dsm_holes`, GDAL's
   FillNodata as ASP users' ``dem_mosaic`` fill), then minus the chip's mean, divided by the
@@ -35,6 +36,8 @@ from .io import atomic_path
 from .scene import BANDS, Scene
 
 TARGET_BANDS = {"dsm": "truth_dsm", "dtm": "truth_dtm"}
+#: Training cache per pixel of a scene: five float32 inputs, the uint8 mask and one float32 truth.
+CACHE_BYTES_PER_PIXEL = 5 * 4 + 1 + 4
 #: how far (px) the DSM's holes are filled before normalisation; farther pixels stay no data
 HOLE_FILL_DISTANCE = 100.0
 
@@ -60,56 +63,74 @@ class NormalisedChip:
     valid: np.ndarray  # (H, W) bool, pixels valid in every input band
 
 
-def normalise_into(
-    stack: dict[str, np.ndarray], bands: Sequence[str], scale: float, fallback_mean: float,
-    inputs: np.ndarray, base: np.ndarray,
-) -> np.ndarray:
-    """Write the network's input channels into ``inputs`` (C, H, W) and the base into ``base``.
+def chip_means(dsm: np.ndarray, fallback: float | np.ndarray) -> np.ndarray:
+    """Mean of each chip's valid (non-NaN) heights, for a (B, H, W) stack: (B,) float64.
 
-    Writes each output value once. Returns the valid-pixel mask.
+    ``fallback`` (a scalar or one value per chip; the scene's median height) stands for a chip
+    without any valid height. Sums in float64: heights of a few thousand metres keep their
+    millimetres over a 1024² chip.
     """
-    dsm = stack["dsm"]
-    dsm_missing = np.isnan(dsm)  # NaN is the only no-data value in a Scene array
-    count = dsm_missing.size - int(np.count_nonzero(dsm_missing))
-    if count:
-        mean = float(np.add.reduce(np.where(dsm_missing, np.float32(0.0), dsm), axis=None, dtype=np.float64) / count)
-    else:
-        mean = fallback_mean
-    for channel, band in zip(inputs, bands):
-        normalise_band_into(band, stack[band], channel, scale, mean, dsm_missing if band == "dsm" else None)
-    np.copyto(base, dsm)
-    np.putmask(base, dsm_missing, np.float32(mean))
-    dsm_valid = ~dsm_missing
-    return dsm_valid & (stack["nodata_mask"] > 0) if "nodata_mask" in stack else dsm_valid
+    flat = dsm.reshape(len(dsm), -1)
+    missing = np.isnan(flat)
+    counts = flat.shape[1] - np.count_nonzero(missing, axis=1)
+    sums = np.add.reduce(np.where(missing, np.float32(0.0), flat), axis=1, dtype=np.float64)
+    return np.where(counts > 0, sums / np.maximum(counts, 1), fallback)
 
 
-def normalise_band_into(
-    band: str, values: np.ndarray, channel: np.ndarray, scale: float, centre: float, missing: np.ndarray | None = None,
-) -> None:
-    """One band's input channel (see the module's docstring); ``centre`` is the DSM's chip mean,
-    ``missing`` the DSM's no-data pixels when already known."""
+def normalise_dsm(dsm: np.ndarray, means: np.ndarray, scale: float | np.ndarray, channel: np.ndarray,
+                  base: np.ndarray | None = None) -> np.ndarray:
+    """The DSM's normalisation, for a batch of chips (B, H, W): the one used by training and refine.
+
+    ``channel`` ← (DSM − chip mean) / scale, 0 where the DSM has no data; ``base`` (optional) ←
+    the DSM in metres, its chip mean where it has no data: what the network's residual is added
+    to. ``means`` come from :func:`chip_means`; ``scale`` is one factor or one per chip.
+    ``channel`` or ``base`` may be ``dsm`` itself. Returns where the DSM has data.
+    """
+    missing = np.isnan(dsm)
+    centre = np.asarray(means, dtype=np.float32).reshape(-1, 1, 1)
+    inverse = (np.float32(1.0) / np.asarray(scale, dtype=np.float32)).reshape(-1, 1, 1)
+    if base is not None and base is not dsm:
+        np.copyto(base, dsm)
+    np.subtract(dsm, centre, out=channel)
+    channel *= inverse
+    np.putmask(channel, missing, np.float32(0.0))
+    if base is not None:
+        np.copyto(base, np.broadcast_to(centre, base.shape), where=missing)
+    return ~missing
+
+
+def normalise_band_into(band: str, values: np.ndarray, channel: np.ndarray) -> None:
+    """Any input band but the DSM: its values with the band kind's fill value where they have
+    no data (−1 for the triangulation error, 0 otherwise; the mask as it is). ``channel`` may
+    be ``values`` itself."""
     if band == "dsm":
-        np.subtract(values, np.float32(centre), out=channel)
-        channel *= np.float32(1.0 / scale)
-        np.putmask(channel, np.isnan(values) if missing is None else missing, np.float32(0.0))
-    else:
-        if values is not channel:  # refine reads bands straight into their channels
-            np.copyto(channel, values)
-        if band != "nodata_mask":
-            missing = np.isnan(channel)
-            if missing.any():
-                np.putmask(channel, missing, np.float32(BANDS[band].fill))
+        raise ValueError("the DSM is normalised per chip: see normalise_dsm")
+    if values is not channel:
+        np.copyto(channel, values)
+    if band != "nodata_mask":
+        missing = np.isnan(channel)
+        if missing.any():
+            np.putmask(channel, missing, np.float32(BANDS[band].fill))
 
 
 def normalise_chip(
     stack: dict[str, np.ndarray], bands: Sequence[str], scale: float, fallback_mean: float = 0.0
 ) -> NormalisedChip:
-    """Turn a chip of Scene bands (NaN = no data) into the network's input channels."""
+    """Turn a chip of Scene bands (NaN = no data; the DSM's holes already filled, see
+    :func:`fill_dsm_holes`) into the network's input channels, its base and its valid pixels."""
     height, width = stack["dsm"].shape
     inputs = np.empty((len(bands), height, width), dtype=np.float32)
-    base = np.empty((height, width), dtype=np.float32)
-    valid = normalise_into(stack, bands, scale, fallback_mean, inputs, base)
-    return NormalisedChip(inputs=inputs, base=base, valid=valid)
+    base = np.empty((1, height, width), dtype=np.float32)
+    dsm = stack["dsm"][None]
+    means = chip_means(dsm, fallback_mean)
+    for channel, band in zip(inputs, bands):
+        if band != "dsm":
+            normalise_band_into(band, stack[band], channel)
+    channel = inputs[list(bands).index("dsm")][None] if "dsm" in bands else np.empty_like(base)
+    valid = normalise_dsm(dsm, means, scale, channel, base)[0]
+    if "nodata_mask" in stack:
+        valid &= stack["nodata_mask"] > 0
+    return NormalisedChip(inputs=inputs, base=base[0], valid=valid)
 
 
 @dataclass(frozen=True)
@@ -177,20 +198,21 @@ class SceneArrays:
     """A scene's bands as model-ready memory maps, decoded once, with its scale factor.
 
     The GeoTIFFs are decoded once into ``.npy`` files (``<scene>/.cache/``, or a temporary
-    directory when the scene is read-only) that already hold what a chip needs, so that building
-    a chip is a handful of plain copies (the seed opened 7 rasters per chip):
+    directory when the scene is read-only), one per band, that already hold what a chip needs,
+    so that building a chip is one copy per band (the seed opened 7 rasters per chip):
 
-    * ``dsm``: float32, holes filled (:func:`fill_dsm_holes`; NaN where still without data, or
-      everywhere when ``fill_holes`` is off), plus summed-area tables of its values and of its
-      valid pixels, so that a chip's mean costs four lookups instead of a pass over the chip;
+    * ``dsm``: float32 in metres, holes filled (:func:`fill_dsm_holes`; NaN where still without
+      data, or everywhere when ``fill_holes`` is off): chips are normalised per batch by
+      :func:`normalise_dsm`, as refine normalises its chips;
     * other input bands: float32 with each band kind's fill value already in place of no data
       (the mask band as uint8);
     * each truth band: float32, NaN wherever the loss must not look: where the truth or the
-      inputs (DSM, mask) have no data;
-    * for each of these, a transposed twin: 90° rotations become contiguous reads (copying a
-      rotated view of a 256-px chip costs ~25x a straight copy). Of the eight flips and
-      rotations, four are then plain copies (row order reversed at most) and four need their
-      columns reversed, which :class:`ChipDataset` does with one vectorised flip per chip.
+      inputs (DSM, mask) have no data.
+
+    That is :data:`CACHE_BYTES_PER_PIXEL` bytes per pixel for the six inputs and one truth. A
+    rotated or mirrored chip is a strided copy from the map: slower than a straight one, and
+    still far faster than the model consumes chips (``bench/train_data.py``), so no rotated
+    copies of the scene are kept.
     """
 
     def __init__(
@@ -214,18 +236,12 @@ class SceneArrays:
             raise InputError(f"scene lacks band(s) {', '.join(missing)} (it has: {', '.join(scene.bands)})", scene.path)
         self._cache = _ArrayCache(scene, cache_dir)
         self.arrays: dict[str, np.ndarray] = {}
-        self._transposed: dict[str, np.ndarray] = {}
-        self._tensors: dict[str, torch.Tensor] = {}
-        self._tensors_transposed: dict[str, torch.Tensor] = {}
         for band in needed:
             if band in self.target_bands:
                 self._add(band, ["dsm", "nodata_mask", band], lambda band=band: _loss_target(scene, band))
             else:
                 self._add(band, [band], lambda band=band: _model_ready(scene.read(band), band, fill_holes),
                           cache_name=f"{band}-holes" if band == "dsm" and not fill_holes else band)
-        height, width = scene.shape
-        self._dsm_sums = self._cache.get("dsm-sums" if fill_holes else "dsm-holes-sums", ["dsm"], (2, height + 1, width + 1), np.float64,
-                                         lambda out: _summed_area_tables(self.arrays["dsm"], out)).view(np.ndarray)
         self.scale = scale if scale is not None else scene.scale_factor(chip_size)
         self.resolution = float(min(scene.grid.resolution))
         self.fallback_mean = float(scene.statistics("dsm").get("median", 0.0))
@@ -238,60 +254,21 @@ class SceneArrays:
         self.__init__(**arguments)
 
     def _add(self, name: str, sources: list[str], build, cache_name: str | None = None) -> None:
-        self.arrays[name], self._transposed[name] = self._cache.get_with_twin(cache_name or name, sources, build)
-        # Tensors over the maps: slicing an np.memmap runs Python code per slice, and torch.flip
-        # reads a chip straight from the map. The maps are private copy-on-write ones, writable
-        # as torch.from_numpy wants; nothing ever writes to them.
-        self._tensors[name] = torch.from_numpy(self.arrays[name].view(np.ndarray))
-        self._tensors_transposed[name] = torch.from_numpy(self._transposed[name].view(np.ndarray))
-
-    def dsm_mean(self, row: int, col: int, size: int) -> float:
-        """Mean of the valid DSM pixels of a chip (the scene median if it has none), in O(1)."""
-        sums = self._dsm_sums
-        r1, c1 = row + size, col + size
-        total, count = sums[:, r1, c1] - sums[:, row, c1] - sums[:, r1, col] + sums[:, row, col]
-        return float(total / count) if count >= 0.5 else self.fallback_mean
-
-    def _source(self, name: str, row: int, col: int, size: int, k: int) -> tuple[torch.Tensor, bool]:
-        """The chip's pixels in the plain or transposed map, and whether its rows run backwards."""
-        if k % 2:
-            return self._tensors_transposed[name][col : col + size, row : row + size], k % 4 == 1
-        return self._tensors[name][row : row + size, col : col + size], k % 4 == 2
+        self.arrays[name] = self._cache.get(cache_name or name, sources, build)
 
     def view(self, name: str, row: int, col: int, size: int, k: int = 0, flip: bool = False) -> np.ndarray:
-        """One array's chip, rotated by ``k``·90° (as ``np.rot90``) and then mirrored if ``flip``."""
-        source, rows_reversed = self._source(name, row, col, size, k)
-        view = source.numpy()
-        view = view[::-1] if rows_reversed else view
-        return view[:, ::-1] if mirrored_columns(k, flip) else view
+        """One array's chip, rotated by ``k``·90° (as ``np.rot90``) and then mirrored if ``flip``
+        (a view of the map)."""
+        view = np.rot90(self.arrays[name][row : row + size, col : col + size], k)
+        return view[:, ::-1] if flip else view
 
     def copy_chip(self, name: str, row: int, col: int, size: int, k: int, flip: bool, out: np.ndarray) -> None:
-        """Write :meth:`view` into ``out`` (casting to its dtype) with the fastest copy for it.
-
-        numpy copies a column-reversed view element by element (~4x slower than torch.flip),
-        and torch has no negative strides: orientations that reverse columns go through
-        ``torch.flip``, those that only reverse rows through numpy, plain ones through torch.
-        """
-        source, rows_reversed = self._source(name, row, col, size, k)
-        if mirrored_columns(k, flip):
-            torch.from_numpy(out).copy_(source.flip((0, 1) if rows_reversed else (1,)))
-        elif rows_reversed:
-            np.copyto(out, source.numpy()[::-1])
-        else:
-            torch.from_numpy(out).copy_(source)
+        """Write :meth:`view` into ``out``, casting to its dtype."""
+        np.copyto(out, self.view(name, row, col, size, k, flip), casting="unsafe")
 
     def chip(self, row: int, col: int, size: int, k: int = 0, flip: bool = False) -> dict[str, np.ndarray]:
         """Views of every cached array for one chip (see :meth:`view`)."""
         return {name: self.view(name, row, col, size, k, flip) for name in self.arrays}
-
-
-def mirrored_columns(k: int, flip: bool) -> bool:
-    """Whether rotation ``k`` then mirror ``flip`` reverses the columns of the plain/transposed chip.
-
-    rot90 by 1 is the transposed chip with rows reversed, by 2 rows and columns reversed, by 3
-    the transposed chip with columns reversed; a mirror reverses the columns once more.
-    """
-    return (k % 4 in (2, 3)) != bool(flip)
 
 
 def _loss_target(scene: Scene, truth: str) -> np.ndarray:
@@ -309,27 +286,8 @@ def _model_ready(data: np.ndarray, band: str, fill_holes: bool = True) -> np.nda
         return (data > 0).astype(np.uint8)
     if band == "dsm":
         return fill_dsm_holes(data) if fill_holes else data
-    return np.where(np.isnan(data), np.float32(kind.fill), data)
-
-
-def _summed_area_tables(dsm: np.ndarray, out: np.ndarray, rows_per_block: int = 1024) -> None:
-    """Write (2, H+1, W+1) float64 integral images of the valid DSM heights and of the valid-pixel
-    count into ``out`` (a memory map: a 16k² scene's tables are 4 GB).
-
-    Built in row blocks so that memory stays bounded on large scenes; float64 keeps the sum of
-    10⁸ heights exact to well under a millimetre per chip.
-    """
-    height, width = dsm.shape
-    out[:, 0, :] = 0.0
-    out[:, :, 0] = 0.0
-    carry = np.zeros((2, width), np.float64)
-    for row0 in range(0, height, rows_per_block):
-        block = np.asarray(dsm[row0 : row0 + rows_per_block], dtype=np.float64)
-        valid = ~np.isnan(block)
-        for i, values in enumerate((np.where(valid, block, 0.0), valid.astype(np.float64))):
-            cumulative = np.cumsum(np.cumsum(values, axis=1), axis=0) + carry[i]
-            out[i, row0 + 1 : row0 + 1 + len(block), 1:] = cumulative
-            carry[i] = cumulative[-1]
+    normalise_band_into(band, data, data)
+    return data
 
 
 class _ArrayCache:
@@ -338,7 +296,7 @@ class _ArrayCache:
     A re-prepared scene is therefore never served stale arrays; stale files are removed.
     """
 
-    VERSION = "v3"
+    VERSION = "v4"
 
     def __init__(self, scene: Scene, cache_dir: str | os.PathLike | None):
         self.scene = scene
@@ -363,8 +321,11 @@ class _ArrayCache:
         for directory in self.directories:
             try:
                 directory.mkdir(parents=True, exist_ok=True)
-                for stale in [*directory.glob(f"{name}-v*.npy"), *directory.glob(f"{name}-[0-9]*.npy")]:
-                    stale.unlink(missing_ok=True)
+                # This array's older keys, and anything an older cache layout left here.
+                stale = [*directory.glob(f"{name}-v*.npy"), *directory.glob(f"{name}-[0-9]*.npy"),
+                         *(p for p in directory.glob("*.npy") if f"-{self.VERSION}-" not in p.name)]
+                for path in stale:
+                    path.unlink(missing_ok=True)
                 with atomic_path(directory / key) as tmp:
                     out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
                     fill(out)
@@ -377,20 +338,14 @@ class _ArrayCache:
         fill(out)
         return out
 
-    def get(self, name: str, sources: list[str], shape: tuple[int, ...], dtype, fill) -> np.ndarray:
+    def get(self, name: str, sources: list[str], build) -> np.ndarray:
+        """The cached array ``name`` made from ``sources`` by ``build()``, built on first use."""
         key = self._key(name, sources)
         cached = self._load(key)
-        return cached if cached is not None else self._save(name, key, shape, dtype, fill)
-
-    def get_with_twin(self, name: str, sources: list[str], build) -> tuple[np.ndarray, np.ndarray]:
-        """An array from ``build()`` and its transposed twin."""
-        key, key_t = self._key(name, sources), self._key(f"{name}-T", sources)
-        array, twin = self._load(key), self._load(key_t)
-        if array is None or twin is None:
-            data = build()
-            array = self._save(name, key, data.shape, data.dtype, lambda out: np.copyto(out, data))
-            twin = self._save(f"{name}-T", key_t, data.shape[::-1], data.dtype, lambda out: np.copyto(out, data.T))
-        return array, twin
+        if cached is not None:
+            return cached
+        data = build()
+        return self._save(name, key, data.shape, data.dtype, lambda out: np.copyto(out, data))
 
 
 def collate_chips(data):
@@ -518,8 +473,8 @@ class ChipDataset(Dataset):
         """A whole batch, written straight into its tensors (use with :func:`collate_chips`).
 
         Per chip, each array is copied once from its memory map, already in the chip's
-        orientation (see :meth:`SceneArrays.copy_chip`); the DSM's normalisation (as
-        :func:`normalise_into`) and the valid mask are then computed while the chip is in cache.
+        orientation (see :meth:`SceneArrays.copy_chip`); the DSM is then normalised for the
+        whole batch (:func:`normalise_dsm`).
         """
         n, size = len(indices), self.chip_size
         n_targets = len(self.scenes[0].target_bands)
@@ -530,22 +485,22 @@ class ChipDataset(Dataset):
             valid=np.empty((n, n_targets, size, size), dtype=bool),
             scale=np.empty((n, 1, 1, 1), dtype=np.float32),
         )
-        self._fill(batch, range(n), indices)
+        self._fill(batch, indices)
         return {"inputs": torch.from_numpy(batch.inputs), "base": torch.from_numpy(batch.base),
                 "scale": torch.from_numpy(batch.scale), "target": torch.from_numpy(batch.target),
                 "valid": torch.from_numpy(batch.valid)}
 
-    def _fill(self, batch: "_Batch", slots: Sequence[int], indices: Sequence[int]) -> None:
-        """Write the chips of ``slots`` (positions in the batch) into ``batch``."""
+    def _fill(self, batch: "_Batch", indices: Sequence[int]) -> None:
+        """Write the chips ``indices`` into ``batch``: a copy per band, then the batch's DSM
+        normalised at once by :func:`normalise_dsm`, as refine does."""
         size = self.chip_size
         dsm_channel = self.bands.index("dsm") if "dsm" in self.bands else None
-        for slot in slots:
-            scene_index, row, col, k, flip, swap = self._draw(indices[slot])
+        fallback = np.empty(len(indices))
+        for slot, index in enumerate(indices):
+            scene_index, row, col, k, flip, swap = self._draw(index)
             data = self.scenes[scene_index]
-            mean = np.float32(data.dsm_mean(row, col, size))
-            base, target = batch.base[slot], batch.target[slot]
-            data.copy_chip("dsm", row, col, size, k, flip, base[0])
-            base -= mean
+            fallback[slot], batch.scale[slot] = data.fallback_mean, data.scale
+            data.copy_chip("dsm", row, col, size, k, flip, batch.base[slot, 0])
             for channel, band in enumerate(self.bands):
                 if channel == dsm_channel:
                     continue
@@ -554,32 +509,33 @@ class ChipDataset(Dataset):
                     band = "ortho_right" if band == "ortho_left" else "ortho_left"
                 data.copy_chip(band, row, col, size, k, flip, batch.inputs[slot, channel])
             for t, truth in enumerate(data.target_bands):
-                data.copy_chip(truth, row, col, size, k, flip, target[t])
-            if self.relief_augmentation:
-                self._reshape_relief(base[0], target, mean, self._relief(indices[slot]), data.resolution)
-            # No DSM data -> the chip mean (0 once centred); NaN in a target -> not valid.
-            torch.from_numpy(base).nan_to_num_(0.0)
-            if dsm_channel is not None:
-                np.multiply(base[0], np.float32(1.0 / data.scale), out=batch.inputs[slot, dsm_channel])
-            base += mean
-            np.isnan(target, out=batch.valid[slot])
-            np.logical_not(batch.valid[slot], out=batch.valid[slot])
-            torch.from_numpy(target).nan_to_num_(0.0)
-            batch.scale[slot] = data.scale
+                data.copy_chip(truth, row, col, size, k, flip, batch.target[slot, t])
+        dsm = batch.base[:, 0]
+        means = chip_means(dsm, fallback)
+        if self.relief_augmentation:
+            for slot, index in enumerate(indices):
+                self._reshape_relief(dsm[slot], batch.target[slot], np.float32(means[slot]), self._relief(index),
+                                     self.scenes[self._draw(index)[0]].resolution)
+        channel = batch.inputs[:, dsm_channel] if dsm_channel is not None else np.empty_like(dsm)
+        normalise_dsm(dsm, means, batch.scale[:, 0, 0, 0], channel, base=dsm)
+        # NaN in a target (no truth, or no input there) -> not valid; the loss never sees it.
+        np.isnan(batch.target, out=batch.valid)
+        np.logical_not(batch.valid, out=batch.valid)
+        torch.from_numpy(batch.target).nan_to_num_(0.0)
 
-    def _reshape_relief(self, centred_dsm: np.ndarray, target: np.ndarray, mean: np.float32,
+    def _reshape_relief(self, dsm: np.ndarray, target: np.ndarray, mean: np.float32,
                         relief: np.ndarray, resolution: float) -> None:
-        """Stretch and tilt a chip's relief in place: the DSM (already minus ``mean``) and its truth."""
+        """Stretch a chip's relief about its DSM ``mean`` and tilt it, in place: the DSM and its
+        truth alike (the chip is still normalised with ``mean``, as refine would its own)."""
         stretch, east, south = (float(v) for v in relief)
         if stretch == 1.0 and east == 0.0 and south == 0.0:
             return
         plane = np.add.outer(self._offsets * np.float32(south * resolution), self._offsets * np.float32(east * resolution))
-        centred_dsm *= np.float32(stretch)
-        centred_dsm += plane
-        target -= mean
-        target *= np.float32(stretch)
-        target += plane
-        target += mean
+        for heights in (dsm, target):
+            heights -= mean
+            heights *= np.float32(stretch)
+            heights += plane
+            heights += mean
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         return {key: value[0] for key, value in self.__getitems__([index]).items()}

@@ -17,7 +17,7 @@ from pathlib import Path
 from .errors import InputError
 from .evaluate import Evaluation, evaluate
 from .prepare import prepare_from_asp_dir
-from .refine import refine
+from .refine import refine, sigma_path
 from .report import demo_figure, write_report
 from .synth import synth_scene
 from .train import train
@@ -77,13 +77,17 @@ def run_demo(
     step("refining the held-out scene")
     refined = refine(result.checkpoint, heldout_scene, out / "heldout_refined.tif", progress=progress)
     step("evaluating against the held-out truth")
+    sigma = sigma_path(refined)
     evaluation = evaluate(refined, heldout_scene.band_path("truth_dsm"), initial=heldout_scene.band_path("dsm"),
-                          scene=heldout_scene)
+                          scene=heldout_scene, sigma=sigma if sigma.exists() else None)
     evaluation.write_json(out / "heldout_metrics.json")
     write_report(evaluation, out / "report")
     print(evaluation.table(["refined", "initial"]), flush=True)
     print(flush=True)
     print(evaluation.main_table(), flush=True)
+    if evaluation.calibration:
+        print(flush=True)
+        print(evaluation.calibration_table(), flush=True)
     step(f"report (tables, metrics by stratum and slope, figures) written to {out / 'report' / 'report.md'}")
     figure = demo_figure(heldout_scene, refined, out / "demo.png")
     step(f"figure written to {figure}")

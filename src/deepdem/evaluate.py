@@ -11,6 +11,10 @@ otherwise a method that drops hard pixels looks better. The one exception is the
 the initial DSM's holes, where the initial DSM has no value by definition: there, the DEMs that
 cover the holes (hole-filled baselines, a refined DEM written with ``--fill``) are compared on
 the pixels they all cover.
+
+Given a per-pixel uncertainty σ of the evaluated DEM (``refine``'s ``<out>_sigma.tif``), the
+same strata also report how well σ describes the refined DEM's errors (coverage of its central
+intervals, sharpness, rank correlation; see :mod:`deepdem.uncertainty`).
 """
 
 from __future__ import annotations
@@ -24,11 +28,13 @@ from pathlib import Path
 from typing import Mapping
 
 import numpy as np
+from rasterio.errors import NotGeoreferencedWarning
 from rasterio.warp import Resampling, reproject
 
 from .errors import GridError, InputError
 from .io import atomic_path, open_raster, valid_mask
 from .scene import Grid
+from .uncertainty import DISTRIBUTIONS, LEVELS, calibration_metrics
 
 # -- metrics ---------------------------------------------------------------------------------
 NMAD_FACTOR = 1.4826
@@ -194,6 +200,7 @@ class EvaluationData:
     strata: dict[str, np.ndarray]
     slope: np.ndarray
     images: dict[str, np.ndarray] = field(default_factory=dict)  # ortho_left, ortho_right, nodata_mask
+    sigma: np.ndarray | None = None  # per-pixel σ of the refined DEM (m), NaN where none
 
     @property
     def errors(self) -> dict[str, np.ndarray]:
@@ -230,6 +237,9 @@ class Evaluation:
     ``metrics[dem][key]``: overall; ``strata[name] = {"kind": "all"|"cover"|"slope",
     "pixels": n, "metrics": {dem: {key: value}}}``; ``coregistration[dem]``: the shifts
     applied (empty unless asked for); ``descriptions[dem]``: what each compared DEM is.
+    ``calibration[stratum]``: :func:`deepdem.uncertainty.calibration_metrics` of the refined
+    DEM's σ ("all" first, then the strata), read as the standard deviation of a
+    ``sigma_distribution``; empty without σ.
     """
 
     metrics: dict[str, dict[str, float]]
@@ -240,8 +250,10 @@ class Evaluation:
     target: str = "dsm"
     slope_source: str = "truth DSM"
     data: EvaluationData | None = field(default=None, repr=False, compare=False)
-    #: the files compared (dem, truth, initial, scene), where they came from files
+    #: the files compared (dem, truth, initial, scene, sigma), where they came from files
     sources: dict[str, str | None] = field(default_factory=dict, compare=False)
+    calibration: dict[str, dict] = field(default_factory=dict)
+    sigma_distribution: str | None = None
 
     def write_json(self, path: str | os.PathLike) -> Path:
         """Write :meth:`to_json` to ``path`` atomically."""
@@ -289,13 +301,40 @@ class Evaluation:
         """Noise (NMAD), bias (median) and MAE by stratum and slope bin, one block each."""
         return "\n\n".join(self.strata_table(m) for m in metrics)
 
+    def calibration_table(self) -> str:
+        """Calibration of σ per stratum: pixels, coverage of the central 68/90/95 % intervals
+        (%), sharpness (median σ, m) and the Spearman correlation of σ with |error|."""
+        if not self.calibration:
+            return ""
+        label_width = max(len(s) for s in self.calibration) + 2
+        head = f"{'pixels':>9}" + "".join(f"{h:>11}" for h in CALIBRATION_LABELS.values())
+        lines = [f"calibration of σ ({self.sigma_distribution}): share of |error| within its central intervals",
+                 f"{'stratum':<{label_width}}{head}"]
+        for stratum, m in self.calibration.items():
+            lines.append(f"{stratum:<{label_width}}{m['count']:>9}"
+                         + "".join(f"{_fmt_calibration(m[k], k):>11}" for k in CALIBRATION_LABELS))
+        return "\n".join(lines)
+
     def to_json(self) -> dict:
         out = {"pixels": self.pixels, "metrics": self.metrics}
         if self.strata:
             out.update(target=self.target, slope_source=self.slope_source, descriptions=self.descriptions,
                        strata=self.strata,
                        coregistration=self.coregistration)
+        if self.calibration:
+            out.update(sigma_distribution=self.sigma_distribution, calibration=self.calibration)
         return _clean(out)
+
+
+#: the columns of the calibration tables (text and report), after the pixel count
+CALIBRATION_LABELS = {**{f"coverage_{round(100 * lv)}": f"{round(100 * lv)} %" for lv in LEVELS},
+                      "sharpness": "σ med (m)", "spearman": "Spearman"}
+
+
+def _fmt_calibration(value: float, key: str) -> str:
+    if value is None or not np.isfinite(value):
+        return "—"
+    return f"{100 * value:.1f}" if key.startswith("coverage_") else f"{value:.3f}"
 
 
 # -- computation on arrays -------------------------------------------------------------------
@@ -316,6 +355,8 @@ def evaluate_arrays(
     slope_bins=SLOPE_BINS,
     terrain: np.ndarray | None = None,
     slope_source: str | None = None,
+    sigma: np.ndarray | None = None,
+    sigma_distribution: str = "laplace",
 ) -> Evaluation:
     """Evaluate DEM arrays (NaN = no data) against ``truth`` on one ``grid``.
 
@@ -325,9 +366,15 @@ def evaluate_arrays(
     terrain), else of the truth; ``slope_source`` names it in the report. With ``coregister``,
     each DEM is first shifted onto the truth by xdem's Nuth & Kääb and a vertical shift fitted
     on stable ground (low NDVI, not water, no object, slope ≤ 40°).
+
+    ``sigma`` (the refined DEM's per-pixel σ in m; NaN or ≤ 0 = none) adds
+    :attr:`Evaluation.calibration`, σ read as the standard deviation of a
+    ``sigma_distribution`` (see :mod:`deepdem.uncertainty`).
     """
     from .products import slope_degrees
 
+    if sigma_distribution not in DISTRIBUTIONS:
+        raise InputError(f"σ distribution must be one of {', '.join(DISTRIBUTIONS)}, got {sigma_distribution!r}")
     truth = np.asarray(truth, dtype=np.float64)
     dems = {name: np.asarray(values, dtype=np.float64) for name, values in dems.items()}
     coregistration: dict[str, dict] = {}
@@ -358,13 +405,60 @@ def evaluate_arrays(
         per_method = {m: binned[m][label] for m in errors}
         strata[f"slope {label}"] = {"kind": "slope", "pixels": next(iter(per_method.values()))["count"],
                                     "metrics": per_method}
+    calibration = {}
+    if sigma is not None:
+        sigma = _positive(sigma, truth.shape)
+        calibration = _calibration(errors[_evaluated(dems)], sigma, common, masks, slope, slope_bins,
+                                   sigma_distribution)
     data = EvaluationData(grid=grid, truth=truth, dems=dems, common=common, strata=masks, slope=slope,
-                          images=dict(images or {}))
+                          images=dict(images or {}), sigma=sigma)
     described = {name: (descriptions or {}).get(name, DESCRIPTIONS.get(name, name)) for name in dems}
     if slope_source is None:
         slope_source = f"truth {target.upper()}" if terrain is None else "terrain"
     return Evaluation(metrics=metrics, pixels=pixels, strata=strata, coregistration=coregistration,
-                      descriptions=described, target=target, slope_source=slope_source, data=data)
+                      descriptions=described, target=target, slope_source=slope_source, data=data,
+                      calibration=calibration, sigma_distribution=sigma_distribution if calibration else None)
+
+
+def _evaluated(dems: Mapping[str, np.ndarray]) -> str:
+    """The DEM that σ belongs to: ``refined``, else the first one compared."""
+    return "refined" if "refined" in dems else next(iter(dems))
+
+
+def _positive(sigma: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """σ as float64 with NaN where it is no standard deviation (nodata, ≤ 0)."""
+    sigma = np.array(sigma, dtype=np.float64)
+    if sigma.shape != shape:
+        raise InputError(f"σ has shape {sigma.shape}, the DEM {shape}")
+    with np.errstate(invalid="ignore"):
+        sigma[~(sigma > 0)] = np.nan
+    return sigma
+
+
+def _slope_masks(slope: np.ndarray, bins) -> dict[str, np.ndarray]:
+    """The slope bins as masks, closed on the left and the last on both sides (as nd_binning)."""
+    masks = {}
+    edges = list(zip(bins[:-1], bins[1:]))
+    with np.errstate(invalid="ignore"):
+        for i, (label, (lo, hi)) in enumerate(zip(slope_bin_labels(bins), edges)):
+            masks[label] = (slope >= lo) & ((slope <= hi) if i == len(edges) - 1 else (slope < hi))
+    return masks
+
+
+def _calibration(errors: np.ndarray, sigma: np.ndarray, common: np.ndarray, masks: dict[str, np.ndarray],
+                 slope: np.ndarray, slope_bins, distribution: str) -> dict[str, dict]:
+    """Calibration of σ against the evaluated DEM's errors on the pixels the other metrics use:
+    the common pixels, per land-cover stratum and slope bin; in the holes, wherever the
+    evaluated DEM has a value (it is the only DEM σ speaks for)."""
+    def metrics(where):
+        return calibration_metrics(errors[where], sigma[where], distribution)
+
+    out = {"all": metrics(common)}
+    for name, mask in masks.items():
+        out[name] = metrics((mask & np.isfinite(errors)) if name == HOLES else (common & mask))
+    for label, mask in _slope_masks(slope, slope_bins).items():
+        out[f"slope {label}"] = metrics(common & mask)
+    return out
 
 
 def _holes_stratum(holes: np.ndarray, truth: np.ndarray, errors: dict[str, np.ndarray]) -> dict:
@@ -405,7 +499,12 @@ def _coregister_all(truth, dems, grid, ndvi, height, holes):
 # -- files -----------------------------------------------------------------------------------
 def _read_on_grid(path: str | os.PathLike, grid: Grid | None) -> tuple[np.ndarray, Grid]:
     """Read a DEM as float64 with NaN nodata, resampled bilinearly onto ``grid`` if given."""
-    with open_raster(path) as src:
+    with warnings.catch_warnings():
+        # A raster without georeferencing is fine on the DEM's own grid and refused below
+        # otherwise; rasterio's warning would only break the one-line error.
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        src = open_raster(path)
+    with src:
         raw = src.read(1)
         data = raw.astype(np.float64)
         data[~valid_mask(raw, src.nodata)] = np.nan
@@ -431,14 +530,19 @@ def evaluate(
     coregister: bool = False,
     target: str = "dsm",
     baselines: bool | None = None,
+    sigma: str | os.PathLike | None = None,
+    sigma_distribution: str | None = None,
 ) -> Evaluation:
     """Compare ``dem`` (and ``initial``, and baselines made from it) with ``truth``.
 
     ``scene`` (a :class:`deepdem.scene.Scene` or its directory) supplies the orthoimages, NDVI,
     nodata mask and truth DTM for strata and figures, and defaults ``initial`` to its DSM and
     ``truth`` to its ``truth_<target>``. ``baselines`` (default: whenever there is an initial
-    DSM) adds the filters of :mod:`deepdem.baselines`. The result is data: write it with
-    :meth:`Evaluation.write_json` and :func:`deepdem.report.write_report`.
+    DSM) adds the filters of :mod:`deepdem.baselines`. ``sigma``, a raster of the DEM's per-pixel
+    σ (band 1, read on the DEM's grid), adds :attr:`Evaluation.calibration`; ``sigma_distribution``
+    defaults to the raster's own tag (:func:`deepdem.uncertainty.read_sigma_distribution`). The
+    result is data: write it with :meth:`Evaluation.write_json` and
+    :func:`deepdem.report.write_report`.
     """
     from .scene import Scene
 
@@ -460,6 +564,10 @@ def evaluate(
     truth_data, _ = _read_on_grid(truth, grid)
     if not np.isfinite(truth_data).any():
         raise InputError("truth has no valid pixel", truth)
+    # σ before the baselines: a bad σ file should fail fast
+    sigma_data = None
+    if sigma is not None:
+        sigma_data, sigma_distribution = _read_sigma(sigma, sigma_distribution, grid, dem_data, truth_data)
     dems = {"refined": dem_data}
     descriptions = dict(DESCRIPTIONS)
     initial_data = None
@@ -474,31 +582,55 @@ def evaluate(
     if not (np.isfinite(truth_data) & np.isfinite(dem_data)).any():
         raise InputError("no pixel is valid in both the DEM and the truth", truth)
 
-    ndvi = height = terrain = None
-    slope_source = None
-    images: dict[str, np.ndarray] = {}
-    if scene is not None:
-        band = lambda name: _read_on_grid(scene.band_path(name), grid)[0]  # noqa: E731
-        ndvi = band("ndvi") if scene.has("ndvi") else None
-        for name in ("ortho_left", "ortho_right", "nodata_mask"):
-            if scene.has(name):
-                images[name] = band(name)
-        if scene.has("truth_dtm"):
-            terrain = truth_data if target == "dtm" else band("truth_dtm")
-            slope_source = "truth DTM"
-            surface = truth_data if target == "dsm" else (band("truth_dsm") if scene.has("truth_dsm") else None)
-            if surface is not None:
-                height = surface - terrain
+    layers = _scene_layers(scene, grid, truth_data, target) if scene is not None else {}
     holes = None if initial_data is None else ~np.isfinite(initial_data)
 
     try:
-        result = evaluate_arrays(truth_data, dems, grid, ndvi=ndvi, holes=holes, height=height,
-                                 coregister=coregister, images=images, descriptions=descriptions,
-                                 target=target, terrain=terrain, slope_source=slope_source)
+        result = evaluate_arrays(truth_data, dems, grid, holes=holes, coregister=coregister,
+                                 descriptions=descriptions, target=target, **layers,
+                                 sigma=sigma_data, sigma_distribution=sigma_distribution or "laplace")
     except InputError as exc:
         if exc.path is None:
             raise InputError(str(exc), truth) from None
         raise
     result.sources = {"dem": str(dem), "truth": str(truth), "initial": None if initial is None else str(initial),
                       "scene": None if scene is None else str(scene.path)}
+    if sigma is not None:
+        result.sources["sigma"] = str(sigma)
     return result
+
+
+def _scene_layers(scene, grid: Grid, truth: np.ndarray, target: str) -> dict:
+    """The scene's layers on the DEM's grid, as keyword arguments of :func:`evaluate_arrays`:
+    NDVI, object height (truth DSM − truth DTM), terrain for the slope, and the images."""
+    def band(name):
+        return _read_on_grid(scene.band_path(name), grid)[0]
+
+    layers: dict = {"ndvi": band("ndvi") if scene.has("ndvi") else None,
+                    "images": {name: band(name) for name in ("ortho_left", "ortho_right", "nodata_mask")
+                               if scene.has(name)}}
+    if scene.has("truth_dtm"):
+        terrain = truth if target == "dtm" else band("truth_dtm")
+        layers.update(terrain=terrain, slope_source="truth DTM")
+        surface = truth if target == "dsm" else (band("truth_dsm") if scene.has("truth_dsm") else None)
+        if surface is not None:
+            layers["height"] = surface - terrain
+    return layers
+
+
+def _read_sigma(path, distribution: str | None, grid: Grid, dem: np.ndarray, truth: np.ndarray):
+    """σ on the DEM's grid (NaN where ≤ 0 or no data) and the distribution it is read as (the
+    file's tag unless given); refused, naming the file, when it has nothing to evaluate."""
+    from .uncertainty import read_sigma_distribution
+
+    if distribution is None:
+        distribution = read_sigma_distribution(path)
+    elif distribution not in DISTRIBUTIONS:
+        raise InputError(f"σ distribution must be one of {', '.join(DISTRIBUTIONS)}, got {distribution!r}", path)
+    data = _positive(_read_on_grid(path, grid)[0], grid.shape)
+    valid = np.isfinite(data)
+    if not valid.any():
+        raise InputError("σ raster has no valid pixel (finite and > 0)", path)
+    if not (valid & np.isfinite(dem) & np.isfinite(truth)).any():
+        raise InputError("σ raster has no valid pixel where the DEM and the truth both have data", path)
+    return data, distribution

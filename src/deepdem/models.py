@@ -27,6 +27,10 @@ from torch import nn
 from .errors import CheckpointError
 
 DEFAULT_BANDS = ("dsm", "ortho_left", "ortho_right", "triangulation_error", "ndvi", "nodata_mask")
+#: What a model's σ head predicts: the scale of a Laplace distribution of its error.
+UNCERTAINTY_KINDS = ("laplace",)
+#: The σ channel's floor in normalised units: keeps 1/b and log b finite for a saturated head.
+MIN_SCALE = 1e-3
 CHECKPOINT_FORMAT = "deepdem-checkpoint-1"
 TARGETS = {"dsm": ("dsm",), "dtm": ("dtm",), "both": ("dsm", "dtm")}
 
@@ -107,6 +111,27 @@ def masked_l1(prediction: torch.Tensor, target: torch.Tensor, valid: torch.Tenso
     return (torch.abs(prediction - target) * valid).sum() / valid.sum().clamp_min(1.0)
 
 
+def laplace_scale(raw: torch.Tensor) -> torch.Tensor:
+    """The σ head's raw output → a Laplace scale b > 0 (normalised units).
+
+    softplus rather than exp: its gradient stays bounded where the head saturates, and a zeroed
+    head (identity init) starts at b = ln 2, a few metres, not at a scale it must climb from.
+    """
+    return nn.functional.softplus(raw.float()) + MIN_SCALE
+
+
+def masked_laplace_nll(error: torch.Tensor, scale: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Laplace negative log-likelihood |e|/b + log b (up to log 2) over valid pixels.
+
+    ``error`` is detached by the caller: the mean is trained by the L1 loss alone, so adding the
+    σ head does not reweight which pixels the residual learns from (the NLL's |e|/b term would
+    otherwise down-weight hard pixels, and the MAE would drift from the L1 model's).
+    """
+    valid = valid.to(scale.dtype)
+    nll = error.abs() / scale + torch.log(scale)
+    return (nll * valid).sum() / valid.sum().clamp_min(1.0)
+
+
 class DeepDEMRegressionTask(L.LightningModule):
     """Residual refinement of a DSM: L1 in metres against LIDAR truth on valid pixels.
 
@@ -124,11 +149,15 @@ class DeepDEMRegressionTask(L.LightningModule):
         self.save_hyperparameters()
         self.model_kwargs = dict(model_kwargs)
         self.targets = TARGETS[self.model_kwargs.get("target", "dsm")]
+        self.uncertainty = self.model_kwargs.get("uncertainty")
+        if self.uncertainty not in (None, *UNCERTAINTY_KINDS):
+            raise CheckpointError(f"unknown uncertainty model {self.uncertainty!r} (this version knows {', '.join(UNCERTAINTY_KINDS)})")
+        # A σ head adds one channel per target: residuals first, then their raw Laplace scales.
         self.model = build_network(
             self.model_kwargs.get("arch", "Unet"),
             self.model_kwargs.get("encoder", "resnet18"),
             len(self.model_kwargs["bands"]),
-            classes=len(self.targets),
+            classes=len(self.targets) * (2 if self.has_sigma else 1),
         )
         if self.model_kwargs.get("identity_init"):
             # The untrained model returns the input DSM unchanged: training starts from "leave it
@@ -139,23 +168,60 @@ class DeepDEMRegressionTask(L.LightningModule):
                 nn.init.zeros_(head.bias)
         self._val_errors: list[torch.Tensor] = []
 
+    @property
+    def has_sigma(self) -> bool:
+        """Whether the model predicts a per-pixel σ beside each height."""
+        return self.uncertainty is not None
+
+    @property
+    def sigma_temperature(self) -> float:
+        """The calibration factor of σ fitted after training (1 before; see train)."""
+        return float(self.model_kwargs.get("sigma_temperature", 1.0))
+
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        """Normalised residual(s) for normalised inputs (B, C, H, W) → (B, n_targets, H, W)."""
+        """The network's raw output for normalised inputs (B, C, H, W): (B, n_targets, H, W)
+        normalised residuals, followed by n_targets raw σ channels when the model has them
+        (see :meth:`split_output`)."""
         return self.model(inputs)
 
+    def split_output(self, raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Normalised residuals and Laplace scales b (normalised units; None without σ), float32."""
+        n = len(self.targets)
+        residual = raw[:, :n].float()
+        return residual, (laplace_scale(raw[:, n:]) if self.has_sigma else None)
+
+    def predict(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Heights and σ in metres (B, n_targets, H, W) each; σ is None for a model without it.
+
+        σ is the standard deviation of the predicted Laplace error distribution, √2·b, scaled
+        by the checkpoint's calibration factor. The addition to the base stays in float32
+        under autocast.
+        """
+        residual, scale = self.split_output(self(batch["inputs"]))
+        heights = residual * batch["scale"] + batch["base"]
+        if scale is None:
+            return heights, None
+        return heights, scale * batch["scale"] * (math.sqrt(2.0) * self.sigma_temperature)
+
     def predict_heights(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Heights in metres (B, n_targets, H, W); the addition stays in float32 under autocast."""
-        residual = self(batch["inputs"]).float()
-        return residual * batch["scale"] + batch["base"]
+        """Heights in metres (B, n_targets, H, W)."""
+        return self.predict(batch)[0]
 
     def _shared_step(self, batch, stage: str):
-        prediction = self.predict_heights(batch)
+        residual, scale = self.split_output(self(batch["inputs"]))
+        prediction = residual * batch["scale"] + batch["base"]
         target, valid = batch["target"], batch["valid"]
         loss = sum(masked_l1(prediction[:, i : i + 1], target[:, i : i + 1], valid[:, i : i + 1])
                    for i in range(len(self.targets)))
         batch_size = batch["inputs"].shape[0]
         sync = self.trainer is not None and self.trainer.world_size > 1
         self.log(f"{stage}_l1", loss, prog_bar=True, batch_size=batch_size, on_epoch=True, on_step=False, sync_dist=sync)
+        if scale is not None:
+            # In metres, so that the NLL's log b is comparable between scenes of other scales.
+            scale_m = scale * batch["scale"]
+            nll = masked_laplace_nll((prediction.detach() - target), scale_m, valid)
+            self.log(f"{stage}_nll", nll, batch_size=batch_size, on_epoch=True, on_step=False, sync_dist=sync)
+            loss = loss + nll
         if stage == "val":
             errors = (prediction - target)[valid]
             initial = (batch["base"].expand_as(target) - target)[valid]
@@ -163,6 +229,10 @@ class DeepDEMRegressionTask(L.LightningModule):
             self.log("val_rmse", errors.pow(2).mean().sqrt(), batch_size=batch_size, sync_dist=sync)
             self.log("val_bias", errors.mean(), batch_size=batch_size, sync_dist=sync)
             self.log("val_initial_mae", initial.abs().mean(), batch_size=batch_size, sync_dist=sync)
+            if scale is not None:
+                # Share within the central 68 % interval of the (uncalibrated) Laplace: −b·ln 0.32.
+                inside = errors.abs() <= -math.log(0.32) * (scale * batch["scale"]).expand_as(target)[valid]
+                self.log("val_coverage_68", inside.float().mean(), batch_size=batch_size, sync_dist=sync)
             self._val_errors.append(errors.detach().float().cpu())
         return loss
 

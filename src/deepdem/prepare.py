@@ -32,7 +32,7 @@ from skimage import exposure
 from .align import CONTINUOUS_UPSAMPLING, align_to_grid, read_grid, read_source, resampling_for, target_grid  # noqa: F401
 from .errors import InputError
 from .io import horizontal_crs, open_raster, vertical_reference
-from .scene import Grid, Scene, write_scene
+from .scene import Grid, Scene, nodata_mask, write_scene
 
 log = logging.getLogger(__name__)
 
@@ -308,10 +308,7 @@ def prepare_scene(
     for band in ("ortho_left", "ortho_right"):
         bands[band] = equalize_image(bands[band], clahe_kernel, clahe_clip)
 
-    mask = np.ones(grid.shape, dtype=bool)
-    for band in ("dsm", "ortho_left", "ortho_right", "triangulation_error", "ndvi"):
-        if band in bands:
-            mask &= np.isfinite(bands[band])
+    mask = nodata_mask(bands)
     if not mask.any():
         raise InputError("no pixel is valid in every input band (check the inputs' nodata and extents)", dsm)
     bands["nodata_mask"] = mask.astype(np.uint8)

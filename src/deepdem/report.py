@@ -7,7 +7,11 @@ Figures (matplotlib, Agg backend):
 * ``error_maps.png`` — ``DEM − truth`` of every compared DEM, on one diverging scale centred on 0;
 * ``error_histograms.png`` — the error distributions on the common pixels (core and log tails);
 * ``metrics_by_stratum.png`` and ``metrics_by_slope.png`` — NMAD and median error per stratum
-  and per slope bin, the compared DEMs side by side.
+  and per slope bin, the compared DEMs side by side;
+* with a per-pixel σ of the refined DEM: ``reliability.png`` — observed against nominal coverage
+  of σ's central intervals, overall and on tall vegetation, bare ground and buildings (a
+  calibrated σ follows the diagonal), and ``sigma_map.png`` — σ beside the refined DEM's |error|
+  on one colour scale, to see whether σ is large where the errors are.
 
 Every figure function returns a :class:`FigureInfo` with the panel titles, so callers (and the
 tests) can tell what was drawn without reading pixels.
@@ -22,7 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .evaluate import METRIC_LABELS, PERCENT_KEYS, Evaluation, _fmt
+from .evaluate import (CALIBRATION_LABELS, METRIC_LABELS, PERCENT_KEYS, Evaluation, _evaluated, _fmt,
+                       _fmt_calibration)
 from .io import atomic_directory
 from .products import hillshade
 
@@ -260,6 +265,84 @@ def strata_figure(out: str | os.PathLike, evaluation: Evaluation, kind: str = "c
     return FigureInfo(_save(fig, out), titles)
 
 
+# -- uncertainty -----------------------------------------------------------------------------
+#: the strata drawn on the reliability diagram besides "all", when the evaluation has them
+RELIABILITY_STRATA = ("tall vegetation", "bare", "buildings")
+
+
+def reliability_figure(out: str | os.PathLike, evaluation: Evaluation) -> FigureInfo:
+    """Observed coverage of σ's central intervals against their nominal level, overall and per
+    stratum of :data:`RELIABILITY_STRATA`, with the diagonal a calibrated σ would follow."""
+    from .uncertainty import reliability_curve
+
+    plt = _pyplot()
+    data = evaluation.data
+    errors = data.errors[_evaluated(data.dems)]
+    curves = {"all": data.common}
+    curves.update({name: data.common & data.strata[name] for name in RELIABILITY_STRATA
+                   if name in data.strata and evaluation.calibration.get(name, {}).get("count", 0)})
+    fig, ax = plt.subplots(figsize=(6, 6), constrained_layout=True)
+    ax.plot([0, 100], [0, 100], color="0.6", linestyle="--", linewidth=1, label="calibrated")
+    for name, where in curves.items():
+        nominal, observed = reliability_curve(errors[where], data.sigma[where], evaluation.sigma_distribution)
+        count = evaluation.calibration[name]["count"]
+        ax.plot(100 * nominal, 100 * observed, marker="o", markersize=3,
+                linewidth=2.2 if name == "all" else 1.4, label=f"{name} ({count:,} px)")
+    title = f"coverage of σ's central intervals ({evaluation.sigma_distribution})"
+    ax.set(xlim=(0, 100), ylim=(0, 100), xlabel="nominal coverage (%)", ylabel="observed coverage (%)",
+           title=title, aspect="equal")
+    ax.text(3, 95, "above: σ too large\nbelow: σ too small", va="top", fontsize=8, color="0.35")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    return FigureInfo(_save(fig, out), [title])
+
+
+def sigma_map_figure(out: str | os.PathLike, sigma: np.ndarray, errors: np.ndarray,
+                     truth_label: str = "truth") -> FigureInfo:
+    """σ beside |error| of the refined DEM, on one scale from 0 to the larger of their 95th
+    percentiles so that the two maps compare pixel by pixel (grey: no data)."""
+    plt = _pyplot()
+    magnitude = np.abs(errors)
+    limit = max(error_limit(sigma), error_limit(magnitude))
+    titles = ["σ of the refined DEM (m)", f"|refined − {truth_label}| (m)"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 5), constrained_layout=True)
+    handle = None
+    for ax, image, title in zip(axes, (sigma, magnitude), titles):
+        handle = ax.imshow(image, interpolation="nearest", cmap=_cmap("magma"), vmin=0, vmax=limit)
+        ax.set_title(title)
+        ax.set_axis_off()
+    fig.colorbar(handle, ax=axes.tolist(), shrink=0.7, extend="max", label="m")
+    return FigureInfo(_save(fig, out), titles)
+
+
+def _uncertainty_markdown(evaluation: Evaluation) -> list[str]:
+    """The "Uncertainty (σ)" section: what the intervals are, and the calibration table."""
+    from .uncertainty import LEVELS, fit_temperature, interval_half_width
+
+    distribution = evaluation.sigma_distribution
+    widths = ", ".join(f"±{interval_half_width(1.0, lv, distribution):.2f} σ" for lv in LEVELS)
+    shape = "Laplace distribution (scale σ/√2)" if distribution == "laplace" else "Gaussian distribution"
+    rows = [[name, f"{m['count']:,}"] + [_fmt_calibration(m[k], k) for k in CALIBRATION_LABELS]
+            for name, m in evaluation.calibration.items()]
+    header = ["stratum", "pixels"] + [f"within {round(100 * lv)} % interval (%)" for lv in LEVELS] + [
+        "sharpness: median σ (m)", "Spearman σ vs |error|"]
+    out = ["## Uncertainty (σ)", "",
+           f"σ is read as the standard deviation of a {shape} of the refined DEM's error, so its central "
+           f"68, 90 and 95 % intervals are {widths}; a calibrated σ holds 68, 90 and 95 % of the errors "
+           "(more: σ too large, less: too small). Sharpness is the median σ (smaller is better at equal "
+           "coverage); Spearman is the rank correlation of σ with |error| (1: σ orders the pixels by error).",
+           "", _md_table(header, rows), ""]
+    data = evaluation.data
+    if data is not None and data.sigma is not None:
+        errors = data.errors[_evaluated(data.dems)][data.common]
+        try:
+            t = fit_temperature(errors, data.sigma[data.common], distribution)
+            out += [f"Multiplying σ by **{t:.3f}** would make its 68 % and 90 % intervals hold their share overall.", ""]
+        except ValueError:  # no σ on the common pixels: nothing to fit
+            pass
+    return out
+
+
 # -- the report ------------------------------------------------------------------------------
 def _md_table(header: list[str], rows: list[list[str]], numeric: bool = True) -> str:
     """A Markdown table; ``|`` in cells (as in "|error|") is escaped, numbers right-aligned."""
@@ -277,7 +360,7 @@ OVERALL_METRICS = ("mae", "rmse", "mean", "median", "nmad", "p68_abs", "p90_abs"
 
 def report_markdown(evaluation: Evaluation, figures: list[FigureInfo], sources: dict | None = None) -> str:
     """The text of ``report.md``: inputs, compared DEMs, co-registration, overall and per-stratum
-    tables, and the figures."""
+    tables, the calibration of σ when there is one, and the figures."""
     names = evaluation.methods
     truth = f"truth {evaluation.target.upper()}"
     out = ["# DEM evaluation", ""]
@@ -308,6 +391,8 @@ def report_markdown(evaluation: Evaluation, figures: list[FigureInfo], sources: 
                 for name, entry in evaluation.strata.items()]
         out += [f"### {METRIC_LABELS[metric]}", "",
                 _md_table(["stratum", "pixels"] + [f"`{n}`" for n in names], rows), ""]
+    if evaluation.calibration:
+        out += _uncertainty_markdown(evaluation)
     out += ["## Figures", ""]
     for figure in figures:
         out += [f"![{', '.join(figure.titles)}]({figure.path.name})", ""]
@@ -346,6 +431,10 @@ def write_report(evaluation: Evaluation, out: str | os.PathLike, sources: dict |
         figures.append(histogram_figure(tmp / "error_histograms.png", errors, data.common, truth_label=truth_label))
         figures.append(strata_figure(tmp / "metrics_by_stratum.png", evaluation, "cover"))
         figures.append(strata_figure(tmp / "metrics_by_slope.png", evaluation, "slope"))
+        if evaluation.calibration and data.sigma is not None:
+            figures.append(reliability_figure(tmp / "reliability.png", evaluation))
+            figures.append(sigma_map_figure(tmp / "sigma_map.png", data.sigma, errors[_evaluated(data.dems)],
+                                            truth_label=truth_label))
         (tmp / "metrics.json").write_text(json.dumps({**evaluation.to_json(), "sources": sources or {}}, indent=2))
         (tmp / "report.md").write_text(report_markdown(evaluation, figures, sources))
     return Report(out, [FigureInfo(out / f.path.name, f.titles) for f in figures])

@@ -325,6 +325,15 @@ class Scene:
         return f"Scene({str(self.path)!r}, {h}x{w} px, bands={self.bands})"
 
 
+def nodata_mask(bands: Mapping[str, np.ndarray]) -> np.ndarray:
+    """The Scene's mask rule: True where every input band present (NaN = no data) has a value."""
+    present = [bands[name] for name in INPUT_BANDS if name in bands and name != "nodata_mask"]
+    mask = np.ones(present[0].shape, dtype=bool)
+    for values in present:
+        mask &= np.isfinite(values)
+    return mask
+
+
 def write_scene(
     out: str | os.PathLike,
     grid: Grid,
@@ -348,11 +357,7 @@ def write_scene(
         if array.shape != grid.shape:
             raise ValueError(f"band {name} has shape {array.shape}, grid is {grid.shape}")
     if "nodata_mask" not in arrays:
-        mask = np.ones(grid.shape, dtype=bool)
-        for name in INPUT_BANDS:
-            if name in arrays and name != "nodata_mask":
-                mask &= np.isfinite(arrays[name])
-        arrays["nodata_mask"] = mask.astype(np.uint8)
+        arrays["nodata_mask"] = nodata_mask(arrays).astype(np.uint8)
 
     manifest_bands = {}
     dsm = arrays["dsm"].astype(np.float32)

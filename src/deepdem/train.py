@@ -61,6 +61,7 @@ class TrainConfig:
     identity_init: bool = field(default=True, metadata={"help": "start from a network that returns the input DSM unchanged (zeroed output layer)"})
     fill_holes: bool = field(default=True, metadata={"help": "fill the DSM's holes by inverse-distance weighting before normalising"})
     relief_augmentation: bool = field(default=True, metadata={"help": "stretch (0.7-3x) and tilt (up to 40 deg) the relief of half the training chips, DSM and truth alike"})
+    uncertainty: bool = field(default=True, metadata={"help": "learn a per-pixel sigma beside each height (Laplace NLL, the mean still trained by L1) and calibrate it on the validation chips; refine then writes <out>_sigma.tif"})
     swap_images: bool = field(default=True, metadata={"help": "randomly swap the left and right images while training"})
     precision: str = field(default="auto", metadata={"help": "auto (bf16-mixed where supported), 32-true, bf16-mixed, 16-mixed"})
     channels_last: bool = field(default=True, metadata={"help": "channels-last memory format (about 1.4x faster on CPU)"})
@@ -249,25 +250,14 @@ def _train(config: TrainConfig, extra_callbacks: list[Callback]) -> TrainResult:
     _check_values(config)
     if config.target not in TARGETS:
         raise InputError(f"target must be one of {', '.join(TARGETS)}, got {config.target!r}")
+    if config.scale_source not in SCALE_SOURCES:
+        raise InputError(f"scale_source must be one of {', '.join(SCALE_SOURCES)}, got {config.scale_source!r}")
     opened = [s if isinstance(s, Scene) else Scene.open(s) for s in config.scenes]
     if not opened:
         raise InputError("no scene given (--scene DIR)")
-    target_bands = [f"truth_{t}" for t in TARGETS[config.target]]
-    bands = config.bands
-    if bands is None:
-        bands = [b for b in DEFAULT_BANDS if all(s.has(b) for s in opened)]
-        dropped = sorted(set(DEFAULT_BANDS) - set(bands))
-        if dropped:
-            log.warning("training without band(s) %s: not in every scene", ", ".join(dropped))
-    bands = list(bands)
-    if "dsm" not in bands:
-        raise InputError("the bands must include 'dsm': the network refines it")
-    unknown = [b for b in bands if b not in DEFAULT_BANDS]
-    if unknown:
-        raise InputError(f"unknown input band(s) {', '.join(unknown)} (choose from {', '.join(DEFAULT_BANDS)})")
+    bands = _input_bands(config, opened)
     chip_size = config.chip_size
-    if config.scale_source not in SCALE_SOURCES:
-        raise InputError(f"scale_source must be one of {', '.join(SCALE_SOURCES)}, got {config.scale_source!r}")
+    target_bands = [f"truth_{t}" for t in TARGETS[config.target]]
     val_opened = [s if isinstance(s, Scene) else Scene.open(s) for s in config.val_scenes]
     holdout = config.holdout_fraction if not val_opened else 0.0
     _check_scenes(opened, bands, target_bands, chip_size, split=holdout > 0)
@@ -276,14 +266,8 @@ def _train(config: TrainConfig, extra_callbacks: list[Callback]) -> TrainResult:
 
     L.seed_everything(config.seed, workers=True, verbose=False)
     torch.set_float32_matmul_precision("high")
-    gsf = {str(chip_size): float(np.mean([s.scale_factor(chip_size) for s in opened]))}
-    for size in sorted({k for s in opened for k in s.scale_factors} - {chip_size}):
-        gsf[str(size)] = float(np.mean([s.scale_factors[size] for s in opened if size in s.scale_factors]))
-    gsf = dict(sorted(gsf.items(), key=lambda item: int(item[0])))
     initial = _fine_tuning_start(config, bands) if config.init else None
-    if initial is not None and str(chip_size) in initial.model_kwargs.get("GSF_DICT", {}):
-        # The network learnt its weights in the units of this factor: fine-tuning keeps them.
-        gsf[str(chip_size)] = float(initial.model_kwargs["GSF_DICT"][str(chip_size)])
+    gsf = _scale_factors(opened, chip_size, initial)
     # One factor for every scene (the training mean), as refine applies it to scenes never seen.
     shared_scale = gsf[str(chip_size)] if config.scale_source == "checkpoint" else None
     targets = list(TARGETS[config.target])
@@ -301,32 +285,7 @@ def _train(config: TrainConfig, extra_callbacks: list[Callback]) -> TrainResult:
                               [spatial_split(s.shape, chip_size, 0.0)[1] for s in val_opened], bands, chip_size, "val")
     else:
         val_set = ChipDataset(arrays, [v for _, v in splits], bands, chip_size, "val")
-    model_kwargs = {
-        "bands": bands,
-        "chip_size": chip_size,
-        "target": config.target,
-        "arch": config.arch,
-        "encoder": config.encoder,
-        "GSF_DICT": gsf,
-        "scale_source": config.scale_source,
-        "dsm_holes": "idw" if config.fill_holes else "mean",
-        "identity_init": config.identity_init,
-        "relief_augmentation": config.relief_augmentation,
-        "normalisation": f"dsm: holes {'filled by IDW, ' if config.fill_holes else ''}(dsm - chip mean) / "
-        f"{'training' if config.scale_source == 'checkpoint' else 'scene'} scale factor, nodata -> 0; "
-        "orthos: CLAHE [0,1], nodata -> 0; triangulation_error: m, nodata -> -1; ndvi: nodata -> 0",
-        "datapath": [str(s.path.resolve()) for s in opened],
-        "validation": ([str(s.path.resolve()) for s in val_opened] if val_opened
-                       else f"hold-out stripe {holdout:g}" if holdout > 0 else "the training scenes (fit)"),
-        "scenes": [s.manifest.get("provenance", {}) for s in opened],
-        "lr": config.lr,
-        "lr_patience": config.lr_patience,
-        "batch_size": config.batch_size,
-        "seed": config.seed,
-        "deepdem_version": __import__("deepdem").__version__,
-    }
-    if initial is not None:
-        model_kwargs["init"] = str(Path(config.init).resolve())
+    model_kwargs = _model_kwargs(config, bands, gsf, opened, val_opened, holdout)
     task = DeepDEMRegressionTask(model_kwargs)
     if initial is not None:
         task.load_state_dict(initial.state_dict())
@@ -347,6 +306,88 @@ def _train(config: TrainConfig, extra_callbacks: list[Callback]) -> TrainResult:
     stored = dataclasses.replace(config, scenes=[str(s.path) for s in opened], val_scenes=[str(s.path) for s in val_opened])
     (out / "config.yaml").write_text(stored.to_yaml())
 
+    trainer, checkpointing = _trainer(config, out, progress, extra_callbacks)
+    loader_args = dict(batch_size=config.batch_size, num_workers=config.num_workers, collate_fn=collate_chips,
+                       persistent_workers=False, pin_memory=torch.cuda.is_available())
+    started = time.time()
+    val_loader = DataLoader(val_set, shuffle=False, **loader_args)
+    trainer.fit(
+        task,
+        DataLoader(train_set, shuffle=False, drop_last=True, **loader_args),
+        val_loader,
+        ckpt_path=str(resume_from) if config.resume else None,
+        weights_only=True,
+    )
+    seconds = time.time() - started
+    if not trainer.is_global_zero:
+        return TrainResult(out / "best.ckpt", float("nan"), float("nan"), trainer.current_epoch, seconds)
+    return _save_best(trainer, checkpointing, model_kwargs, val_loader, out, seconds, resumed_epoch)
+
+
+def _input_bands(config: TrainConfig, opened: Sequence[Scene]) -> list[str]:
+    """The input bands: the configured ones, or the six DeepDEM bands present in every scene."""
+    bands = config.bands
+    if bands is None:
+        bands = [b for b in DEFAULT_BANDS if all(s.has(b) for s in opened)]
+        dropped = sorted(set(DEFAULT_BANDS) - set(bands))
+        if dropped:
+            log.warning("training without band(s) %s: not in every scene", ", ".join(dropped))
+    bands = list(bands)
+    if "dsm" not in bands:
+        raise InputError("the bands must include 'dsm': the network refines it")
+    unknown = [b for b in bands if b not in DEFAULT_BANDS]
+    if unknown:
+        raise InputError(f"unknown input band(s) {', '.join(unknown)} (choose from {', '.join(DEFAULT_BANDS)})")
+    return bands
+
+
+def _scale_factors(opened: Sequence[Scene], chip_size: int, initial: DeepDEMRegressionTask | None) -> dict[str, float]:
+    """The checkpoint's ``GSF_DICT``: the training scenes' mean factor per chip size (a
+    fine-tuned checkpoint's own at the training chip size)."""
+    gsf = {str(chip_size): float(np.mean([s.scale_factor(chip_size) for s in opened]))}
+    for size in sorted({k for s in opened for k in s.scale_factors} - {chip_size}):
+        gsf[str(size)] = float(np.mean([s.scale_factors[size] for s in opened if size in s.scale_factors]))
+    if initial is not None and str(chip_size) in initial.model_kwargs.get("GSF_DICT", {}):
+        # The network learnt its weights in the units of this factor: fine-tuning keeps them.
+        gsf[str(chip_size)] = float(initial.model_kwargs["GSF_DICT"][str(chip_size)])
+    return dict(sorted(gsf.items(), key=lambda item: int(item[0])))
+
+
+def _model_kwargs(config: TrainConfig, bands: list[str], gsf: dict[str, float], opened: Sequence[Scene],
+                  val_opened: Sequence[Scene], holdout: float) -> dict[str, Any]:
+    """Everything refine needs, and what a reader of the checkpoint wants to know, as JSON."""
+    kwargs = {
+        "bands": bands,
+        "chip_size": config.chip_size,
+        "target": config.target,
+        "arch": config.arch,
+        "encoder": config.encoder,
+        "GSF_DICT": gsf,
+        "scale_source": config.scale_source,
+        "dsm_holes": "idw" if config.fill_holes else "mean",
+        "identity_init": config.identity_init,
+        "relief_augmentation": config.relief_augmentation,
+        "uncertainty": "laplace" if config.uncertainty else None,
+        "normalisation": f"dsm: holes {'filled by IDW, ' if config.fill_holes else ''}(dsm - chip mean) / "
+        f"{'training' if config.scale_source == 'checkpoint' else 'scene'} scale factor, nodata -> 0; "
+        "orthos: CLAHE [0,1], nodata -> 0; triangulation_error: m, nodata -> -1; ndvi: nodata -> 0",
+        "datapath": [str(s.path.resolve()) for s in opened],
+        "validation": ([str(s.path.resolve()) for s in val_opened] if val_opened
+                       else f"hold-out stripe {holdout:g}" if holdout > 0 else "the training scenes (fit)"),
+        "scenes": [s.manifest.get("provenance", {}) for s in opened],
+        "lr": config.lr,
+        "lr_patience": config.lr_patience,
+        "batch_size": config.batch_size,
+        "seed": config.seed,
+        "deepdem_version": __import__("deepdem").__version__,
+    }
+    if config.init:
+        kwargs["init"] = str(Path(config.init).resolve())
+    return kwargs
+
+
+def _trainer(config: TrainConfig, out: Path, progress: bool, extra_callbacks: list[Callback]):
+    """The Lightning trainer of a run, and its checkpoint callback (which knows the best epoch)."""
     precision = config.precision
     if precision == "auto":
         precision = "bf16-mixed" if (not torch.cuda.is_available() or torch.cuda.is_bf16_supported()) else "16-mixed"
@@ -375,24 +416,21 @@ def _train(config: TrainConfig, extra_callbacks: list[Callback]) -> TrainResult:
         log_every_n_steps=10,
         num_sanity_val_steps=0,
     )
-    loader_args = dict(batch_size=config.batch_size, num_workers=config.num_workers, collate_fn=collate_chips,
-                       persistent_workers=False, pin_memory=torch.cuda.is_available())
-    started = time.time()
-    trainer.fit(
-        task,
-        DataLoader(train_set, shuffle=False, drop_last=True, **loader_args),
-        DataLoader(val_set, shuffle=False, **loader_args),
-        ckpt_path=str(resume_from) if config.resume else None,
-        weights_only=True,
-    )
-    seconds = time.time() - started
-    if not trainer.is_global_zero:
-        return TrainResult(out / "best.ckpt", float("nan"), float("nan"), trainer.current_epoch, seconds)
+    return trainer, checkpointing
 
+
+def _save_best(trainer, checkpointing, model_kwargs: dict, val_loader: DataLoader, out: Path, seconds: float,
+               resumed_epoch: int | None) -> TrainResult:
+    """``best.ckpt`` from the best epoch (σ calibrated on the validation chips) and ``train.json``."""
     best_path = checkpointing.best_model_path or checkpointing.last_model_path
     if not best_path:
         raise InputError("training stopped before the first validation: give it more time (--max-minutes)", out)
     best = _load_lightning_weights(best_path, model_kwargs)
+    if best.has_sigma:
+        autocast = str(trainer.precision).startswith("bf16")
+        temperature = calibrate_sigma(best, val_loader, trainer.strategy.root_device, autocast=autocast)
+        best.model_kwargs.update(sigma_temperature=temperature, sigma_calibration="one factor: the 68 and 90 % intervals' coverage on the validation chips")
+        log.info("sigma calibration factor %.3f (fitted on the validation chips)", temperature)
     checkpoint = save_checkpoint(best, out / "best.ckpt")
     metrics = trainer.callback_metrics
     best_score = float(checkpointing.best_model_score) if checkpointing.best_model_score is not None else float("nan")
@@ -407,18 +445,56 @@ def _train(config: TrainConfig, extra_callbacks: list[Callback]) -> TrainResult:
         "checkpoint": str(checkpoint), "best_val_mae_m": result.best_val_mae,
         "initial_val_mae_m": result.initial_val_mae, "epochs": result.epochs,
         "seconds": round(seconds, 1), "resumed_after_epoch": resumed_epoch, "world_size": trainer.world_size,
-        "model_kwargs": model_kwargs,
+        "model_kwargs": best.model_kwargs,
     }, indent=2))
     return result
+
+
+#: Validation pixels per batch kept for the σ calibration (a random subsample bounds memory).
+CALIBRATION_SAMPLES_PER_BATCH = 65_536
+
+
+def calibrate_sigma(task: DeepDEMRegressionTask, loader: DataLoader, device: torch.device | str = "cpu",
+                    autocast: bool = False, seed: int = 0) -> float:
+    """The factor that calibrates a model's σ on ``loader``'s chips (temperature scaling).
+
+    One number per model: the factor that makes σ's central 68 % and 90 % intervals hold their
+    share of the errors it makes on the validation chips (:func:`deepdem.uncertainty.fit_temperature`,
+    ``method="coverage"``). A single factor cannot reshape σ, only make its intervals as wide as
+    the errors need.
+    """
+    from .uncertainty import fit_temperature
+
+    device = torch.device(device)
+    generator = torch.Generator().manual_seed(seed)
+    model = task.to(device).eval()
+    model.model_kwargs.pop("sigma_temperature", None)  # fit the raw σ
+    errors, sigmas = [], []
+    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+        for batch in loader:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            heights, sigma = model.predict(batch)
+            valid = batch["valid"]
+            e, s = (heights - batch["target"])[valid].float().cpu(), sigma[valid].float().cpu()
+            if e.numel() > CALIBRATION_SAMPLES_PER_BATCH:
+                keep = torch.randperm(e.numel(), generator=generator)[:CALIBRATION_SAMPLES_PER_BATCH]
+                e, s = e[keep], s[keep]
+            errors.append(e)
+            sigmas.append(s)
+    model.cpu()
+    if not errors or not sum(e.numel() for e in errors):
+        raise InputError("no valid validation pixel to calibrate sigma on")
+    return float(fit_temperature(torch.cat(errors).numpy(), torch.cat(sigmas).numpy(), "laplace", "coverage"))
 
 
 def _fine_tuning_start(config: TrainConfig, bands: list[str]) -> DeepDEMRegressionTask:
     """The checkpoint to fine-tune from, refused unless its network is the one being trained."""
     initial = load_checkpoint(config.init)
     kwargs = initial.model_kwargs
-    wanted = {"bands": bands, "target": config.target, "arch": config.arch, "encoder": config.encoder}
+    wanted = {"bands": bands, "target": config.target, "arch": config.arch, "encoder": config.encoder,
+              "uncertainty": "laplace" if config.uncertainty else None}
     have = {"bands": list(kwargs["bands"]), "target": kwargs.get("target", "dsm"), "arch": kwargs.get("arch", "Unet"),
-            "encoder": kwargs.get("encoder", "resnet18")}
+            "encoder": kwargs.get("encoder", "resnet18"), "uncertainty": kwargs.get("uncertainty")}
     different = [f"{key} {have[key]} (this run: {wanted[key]})" for key in wanted
                  if have[key] != wanted[key] and not (key == "encoder" and config.arch.lower() == "resdepth")]
     if different:
