@@ -325,7 +325,7 @@ def recalibrate(work: Path, seeds: list[int], results: dict) -> dict:
     validation chips, as ``train`` builds them), then score σ on the held-out scenes again.
 
     For a change of the calibration alone: the weights, hence every height and MAE, stay the
-    same (checked against the recorded MAEs).
+    same (checked against the recorded MAEs, to float32 rounding).
     """
     from deepdem.data import ChipDataset, SceneArrays, collate_chips, spatial_split
     from deepdem.models import load_checkpoint, save_checkpoint
@@ -356,7 +356,9 @@ def recalibrate(work: Path, seeds: list[int], results: dict) -> dict:
                 record_calibration(results, kind, key, evaluation)
                 if target == "dsm":
                     recorded = results["dsm"][f"{key[0]}|{key[1]}"][DEEPDEM][i]
-                    assert abs(evaluation.metrics[name]["mae"] - recorded) < 1e-6, (key, recorded)
+                    # The same weights: the same heights, up to float32 rounding in refine.
+                    assert abs(evaluation.metrics[name]["mae"] - recorded) < 1e-4 * recorded, \
+                        (key, recorded, evaluation.metrics[name]["mae"])
             print(f"seed {seed} | {name}: σ factor {kwargs['sigma_temperature']:.3f}", flush=True)
     results["calibration_refit"] = "σ factors refitted on the same checkpoints (--recalibrate)"
     return results
