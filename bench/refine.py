@@ -206,7 +206,8 @@ HWM = "def hwm():\n    return int(next(l for l in open('/proc/self/status') if l
 
 RSS_CHILD = HWM + r"""
 import sys, json, time
-import deepdem.refine as rm
+import importlib
+rm = importlib.import_module("deepdem.refine")
 sys.path.insert(0, {bench!r})
 from refine import model
 from deepdem.scene import Scene

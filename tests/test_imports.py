@@ -77,3 +77,14 @@ def test_no_import_cycles_in_the_package():
     graph = import_graph()
     assert "deepdem.refine.blocks" in graph and "deepdem.data" in graph["deepdem.refine.blocks"]
     assert cycles(graph) == []
+
+
+def test_the_entry_points_are_the_functions_whatever_was_imported_first():
+    import importlib
+
+    importlib.import_module("deepdem.train")  # binds nothing over the function
+    importlib.import_module("deepdem.cli")
+    from deepdem import evaluate, refine, train
+
+    assert all(callable(f) and f.__name__ == n for f, n in ((train, "train"), (refine, "refine"), (evaluate, "evaluate")))
+    assert importlib.import_module("deepdem.refine").sigma_path("a/out.tif").name == "out_sigma.tif"

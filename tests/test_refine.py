@@ -1,3 +1,4 @@
+import importlib
 import os
 
 import numpy as np
@@ -101,8 +102,9 @@ def test_checkpoint_with_a_pickle_payload_is_refused_without_running(tmp_path, m
 
 from rasterio.transform import Affine  # noqa: E402
 
-import deepdem.refine as refine_module  # noqa: E402
 from deepdem.data import normalise_chip  # noqa: E402
+
+refine_module = importlib.import_module("deepdem.refine")  # the package (deepdem.refine is the function)
 
 
 def random_task(seed=0, chip_size=64, **extra):

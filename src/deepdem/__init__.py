@@ -11,6 +11,9 @@ Library entry points (what the command line calls)::
 
 __version__ = "0.1.0"
 
+import sys  # noqa: E402
+import types  # noqa: E402
+
 from .errors import DeepDEMError, InputError  # noqa: E402
 
 _LAZY = {
@@ -32,6 +35,25 @@ def __getattr__(name):
         module, attr = _LAZY[name]
         return getattr(importlib.import_module(module), attr)
     raise AttributeError(f"module 'deepdem' has no attribute {name!r}")
+
+
+class _Package(types.ModuleType):
+    """The package, whose ``train``, ``refine`` and ``evaluate`` are the functions.
+
+    Those are also the names of their modules, and importing a submodule binds it to the
+    package's attribute of that name: ``from deepdem import train`` then returned the module.
+    Such bindings are ignored here, so the attribute stays the lazily imported function; the
+    modules are reached by their full name (``from deepdem.refine import sigma_path``,
+    ``importlib.import_module("deepdem.refine")``).
+    """
+
+    def __setattr__(self, name, value):
+        if name in _LAZY and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 __all__ = ["DeepDEMError", "InputError", *_LAZY]

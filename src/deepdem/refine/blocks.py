@@ -19,10 +19,10 @@ from .layout import Block, RefineSettings, blend_ramp, blend_window, chip_starts
 
 
 def device_for(requested: str | None) -> torch.device:
+    """The device refine runs on: the one asked for, else CUDA where there is one."""
     if requested and requested != "auto":
         return torch.device(requested)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
 
 
 class BlockRefiner:
