@@ -495,10 +495,11 @@ class ChipDataset(Dataset):
         normalised at once by :func:`normalise_dsm`, as refine does."""
         size = self.chip_size
         dsm_channel = self.bands.index("dsm") if "dsm" in self.bands else None
-        fallback = np.empty(len(indices))
+        fallback, resolution = np.empty(len(indices)), np.empty(len(indices))
         for slot, index in enumerate(indices):
             scene_index, row, col, k, flip, swap = self._draw(index)
             data = self.scenes[scene_index]
+            resolution[slot] = data.resolution
             fallback[slot], batch.scale[slot] = data.fallback_mean, data.scale
             data.copy_chip("dsm", row, col, size, k, flip, batch.base[slot, 0])
             for channel, band in enumerate(self.bands):
@@ -515,7 +516,7 @@ class ChipDataset(Dataset):
         if self.relief_augmentation:
             for slot, index in enumerate(indices):
                 self._reshape_relief(dsm[slot], batch.target[slot], np.float32(means[slot]), self._relief(index),
-                                     self.scenes[self._draw(index)[0]].resolution)
+                                     float(resolution[slot]))
         channel = batch.inputs[:, dsm_channel] if dsm_channel is not None else np.empty_like(dsm)
         normalise_dsm(dsm, means, batch.scale[:, 0, 0, 0], channel, base=dsm)
         # NaN in a target (no truth, or no input there) -> not valid; the loss never sees it.

@@ -185,30 +185,30 @@ class DeepDEMRegressionTask(L.LightningModule):
         return self.model(inputs)
 
     def split_output(self, raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Normalised residuals and Laplace scales b (normalised units; None without σ), float32."""
+        """Normalised residuals and calibrated σ (normalised units: × the scale factor gives
+        metres; None without σ), float32. σ is the standard deviation of the predicted Laplace,
+        √2·b, times the checkpoint's calibration factor."""
         n = len(self.targets)
         residual = raw[:, :n].float()
-        return residual, (laplace_scale(raw[:, n:]) if self.has_sigma else None)
+        if not self.has_sigma:
+            return residual, None
+        return residual, laplace_scale(raw[:, n:]) * (math.sqrt(2.0) * self.sigma_temperature)
 
     def predict(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Heights and σ in metres (B, n_targets, H, W) each; σ is None for a model without it.
-
-        σ is the standard deviation of the predicted Laplace error distribution, √2·b, scaled
-        by the checkpoint's calibration factor. The addition to the base stays in float32
-        under autocast.
-        """
-        residual, scale = self.split_output(self(batch["inputs"]))
+        """Heights and σ in metres (B, n_targets, H, W) each; σ is None for a model without it
+        (see :meth:`split_output`). The addition to the base stays in float32 under autocast."""
+        residual, sigma = self.split_output(self(batch["inputs"]))
         heights = residual * batch["scale"] + batch["base"]
-        if scale is None:
-            return heights, None
-        return heights, scale * batch["scale"] * (math.sqrt(2.0) * self.sigma_temperature)
+        return heights, (None if sigma is None else sigma * batch["scale"])
 
     def predict_heights(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Heights in metres (B, n_targets, H, W)."""
         return self.predict(batch)[0]
 
     def _shared_step(self, batch, stage: str):
-        residual, scale = self.split_output(self(batch["inputs"]))
+        raw = self(batch["inputs"])
+        residual = raw[:, : len(self.targets)].float()
+        scale = laplace_scale(raw[:, len(self.targets):]) if self.has_sigma else None  # b, before calibration
         prediction = residual * batch["scale"] + batch["base"]
         target, valid = batch["target"], batch["valid"]
         loss = sum(masked_l1(prediction[:, i : i + 1], target[:, i : i + 1], valid[:, i : i + 1])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -90,10 +89,8 @@ class BlockRefiner:
 
     def _outputs(self, batch: torch.Tensor) -> torch.Tensor:
         """Normalised residuals, then σ in normalised units when the model has them (float32)."""
-        residual, scale = self.task.split_output(self.task(batch))
-        if scale is None:
-            return residual
-        return torch.cat([residual, scale * np.float32(math.sqrt(2.0) * self.task.sigma_temperature)], dim=1)
+        residual, sigma = self.task.split_output(self.task(batch))
+        return residual if sigma is None else torch.cat([residual, sigma], dim=1)
 
     def _block_buffer(self, shape: tuple[int, ...]) -> np.ndarray:
         """A float32 array for a block's planes, from this thread's reused buffers.
