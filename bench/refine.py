@@ -12,12 +12,16 @@ In one run, on the same generated scene and the same (untrained, resnet18 UNet, 
                with ``rasterio.merge``, first wins), at ours' settings (overlap 0.25, batch 8, bf16:
                the cost of a file per chip alone) and as its notebook runs it (overlap 0.5, batch 1,
                float32);
-  * peak RSS - of a fresh process refining a 4096² and a 16384² scene end to end (COG and its
-               overviews included; ``--rss-blocks N`` stops both after N blocks, for a quick look).
+  * fresh    - ours in a fresh process as the ``deepdem refine`` command runs it, the same without
+               its heap policy (``steady_heap``: the gain of the allocator setting), and with
+               ``--against REV`` the package at another git revision: time and peak RSS side by
+               side in each round;
+  * peak RSS - of a fresh process refining a 16384² scene end to end (COG and its overviews
+               included; ``--rss-blocks N`` stops every fresh run after N blocks, for a quick look).
 Speeds are scene Mpx per second; the ratios are taken side by side in each round. Every row is a
 measurement.
 
-Usage:  python bench/refine.py [--size 4096] [--rounds 3] [--big 16384] [--rss-blocks 0] [--no-write]
+Usage:  python bench/refine.py [--size 4096] [--rounds 3] [--big 16384] [--rss-blocks 0] [--against REV] [--no-write]
 Writes/updates the "## Refine" section of BENCHMARKS.md at the repository root.
 """
 
@@ -204,39 +208,57 @@ def run_deepdem_style(task, scene, out: Path, work: Path, overlap: float = 0.5, 
 # large parent would report the parent's peak.
 HWM = "def hwm():\n    return int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]) / 1024\n"
 
-RSS_CHILD = HWM + r"""
-import sys, json, time
-import importlib
+CHILD = HWM + r"""
+import contextlib, importlib, json, sys, time
+sys.path[:0] = [{src!r}, {bench!r}]
 rm = importlib.import_module("deepdem.refine")
-sys.path.insert(0, {bench!r})
 from refine import model
 from deepdem.scene import Scene
 scene, out, blocks = Scene.open({scene!r}), {out!r}, {blocks}
-commit, done = rm.commit_block, []
 class Stop(Exception):
     pass
-def limited(*a):
-    commit(*a); done.append(1)
-    if blocks and len(done) >= blocks:
-        raise Stop
-rm.commit_block = limited
+done = []
+if blocks:
+    commit = rm.commit_block
+    def limited(*a):
+        commit(*a); done.append(1)
+        if len(done) >= blocks:
+            raise Stop
+    rm.commit_block = limited
+task = model()
 t0 = time.perf_counter()
 try:
-    with rm.steady_heap():  # as the deepdem refine command
-        rm.refine(model(), scene, out, progress=False)
+    with rm.steady_heap() if {heap} else contextlib.nullcontext():
+        rm.refine(task, scene, out, progress=False)
 except Stop:
     pass
-print(json.dumps({{"rss_mb": hwm(),
-                  "blocks": len(done), "seconds": time.perf_counter() - t0}}))
+print(json.dumps({{"rss_mb": hwm(), "blocks": len(done), "seconds": time.perf_counter() - t0}}))
 """
 
-def child(code: str) -> dict:
+
+def child(src: Path, scene: Path, out: Path, blocks: int = 0, heap: bool = True) -> dict:
+    """Refine in a fresh process with the package under ``src``: peak RSS and refine seconds.
+
+    ``heap=True`` runs under ``steady_heap`` as the ``deepdem refine`` command does; a fresh
+    process is the only clean way to time without it, since glibc keeps a fixed mmap threshold
+    once it has been set.
+    """
+    code = CHILD.format(src=str(src), bench=str(Path(__file__).parent), scene=str(scene), out=str(out),
+                        blocks=blocks, heap=heap)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def rss(scene: Path, out: Path, blocks: int) -> dict:
-    return child(RSS_CHILD.format(bench=str(Path(__file__).parent), scene=str(scene), out=str(out), blocks=blocks))
+def export_source(rev: str, work: Path) -> Path:
+    """The ``src`` folder of the package at git revision ``rev``, for a side-by-side run."""
+    sha = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", rev], capture_output=True,
+                         text=True, check=True).stdout.strip()
+    dest = work / f"src-{sha}"
+    if not dest.exists():
+        dest.mkdir(parents=True)
+        archive = subprocess.run(["git", "-C", str(REPO), "archive", sha, "src"], capture_output=True, check=True)
+        subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True)
+    return dest / "src"
 
 
 # -- main ----------------------------------------------------------------------------------------
@@ -247,6 +269,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--big", type=int, default=16384, help="scene size for the RSS comparison (0: skip)")
     parser.add_argument("--rss-blocks", type=int, default=0, help="stop the RSS runs after N blocks (0: refine all)")
+    parser.add_argument("--against", default=None, metavar="REV",
+                        help="also refine with the package at git revision REV, side by side in each round")
     parser.add_argument("--work", default=None, help="work directory (default: a temporary one)")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
@@ -283,23 +307,42 @@ def main() -> int:
         "deepdem": ("DeepDEM-style as its notebook runs it: overlap 0.5, batch 1, float32, a GeoTIFF per chip, "
                     "`rasterio.merge`", lambda: run_deepdem_style(task, scene, work / "dd.tif", work)),
     }
-    rows = []
+    here = REPO / "src"
+    then = export_source(args.against, work) if args.against else None
+    # Fresh processes, as the command runs: this tree, this tree without the heap policy, and REV.
+    fresh = {"cli": lambda: child(here, scene_dir, work / "cli.tif", args.rss_blocks),
+             "no_heap": lambda: child(here, scene_dir, work / "no_heap.tif", args.rss_blocks, heap=False)}
+    if then:
+        fresh["then"] = lambda: child(then, scene_dir, work / "then.tif", args.rss_blocks)
+    rows, fresh_rows = [], []
     for i in range(args.rounds):
         seconds = {name: run() for name, (_, run) in pipelines.items()}
         row = {name: t / seconds["ours"] for name, t in seconds.items()}
         rows.append((seconds, row))
-        print(f"round {i + 1}: " + ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()), flush=True)
+        fresh_rows.append({name: run() for name, run in fresh.items()})
+        print(f"round {i + 1}: " + ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items())
+              + " | fresh: " + ", ".join(f"{k} {v['seconds']:.1f} s {v['rss_mb']:.0f} MB" for k, v in fresh_rows[-1].items()),
+              flush=True)
     speed = {k: statistics.median(mpx / s[k] for s, _ in rows) for k in pipelines}
     med = {k: statistics.median(r[k] for _, r in rows) for k in pipelines}
     lo = {k: min(r[k] for _, r in rows) for k in pipelines}
     hi = {k: max(r[k] for _, r in rows) for k in pipelines}
 
-    mem = {"small": rss(scene_dir, work / "rss_small.tif", args.rss_blocks)}
-    print(f"rss {args.size}²: {mem['small']}", flush=True)
+    def fresh_stat(name, key):
+        return statistics.median(r[name][key] for r in fresh_rows)
+
+    def fresh_ratio(name, key):
+        ratios = [r[name][key] / r["cli"][key] for r in fresh_rows]
+        return statistics.median(ratios), min(ratios), max(ratios)
+
+    mem = {"small": {"rss_mb": fresh_stat("cli", "rss_mb")}}
     if args.big:
         big = tile_scene(tile, work / f"scene_{args.big}", args.big)
-        mem["big"] = rss(big, work / "rss_big.tif", args.rss_blocks)
+        mem["big"] = child(here, big, work / "rss_big.tif", args.rss_blocks)
         print(f"rss {args.big}²: {mem['big']}", flush=True)
+        if then:
+            mem["big_then"] = child(then, big, work / "rss_big.tif", args.rss_blocks)
+            print(f"rss {args.big}² at {args.against}: {mem['big_then']}", flush=True)
         (work / "rss_big.tif").unlink(missing_ok=True)
 
     env = (f"Machine: {platform.machine()}, {len(__import__('os').sched_getaffinity(0))} cores (shared); "
@@ -307,7 +350,7 @@ def main() -> int:
     lines = [
         SECTION, "",
         f"Command: `python bench/refine.py --size {args.size} --rounds {args.rounds} --big {args.big} "
-        f"--rss-blocks {args.rss_blocks}`. {env}",
+        f"--rss-blocks {args.rss_blocks}" + (f" --against {args.against}" if args.against else "") + f"`. {env}",
         f"Scene: {args.size}² px (a 512² generated scene tiled), untrained resnet18 UNet, 256-px chips, "
         f"the bare forward under refine's heap policy (`steady_heap`), ours at 2048-px blocks. "
         f"Medians of {args.rounds} rounds; in each round every pipeline runs once, one after the other, and "
@@ -329,6 +372,25 @@ def main() -> int:
         f"ours' settings isolates a file per chip and the merge.",
         "",
     ]
+    labels = {"cli": "ours, as `deepdem refine` runs it (under `steady_heap`)",
+              "no_heap": "ours without `steady_heap` (glibc's default heap policy)"}
+    if then:
+        labels["then"] = f"ours at `{args.against}` (`git archive`), as its command runs it"
+    lines += [
+        f"Fresh processes ({args.size}², the same model; "
+        + (f"the first {args.rss_blocks} blocks" if args.rss_blocks else "refine end to end") + "), "
+        "one of each per round, ratios within the round:",
+        "",
+        "| run | refine seconds | time ÷ ours | min–max | peak RSS (MB) | RSS ÷ ours |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, label in labels.items():
+        t, t_lo, t_hi = fresh_ratio(name, "seconds")
+        m = fresh_ratio(name, "rss_mb")[0]
+        spread = "" if name == "cli" else f"{t_lo:.2f}–{t_hi:.2f}"
+        lines.append(f"| {label} | {fresh_stat(name, 'seconds'):.1f} | {t:.2f} | {spread} | "
+                     f"{fresh_stat(name, 'rss_mb'):.0f} | {m:.3f} |")
+    lines.append("")
     if args.big:
         ratio = mem["big"]["rss_mb"] / mem["small"]["rss_mb"]
         scope = (f"the first {args.rss_blocks} blocks of each" if args.rss_blocks
@@ -337,7 +399,10 @@ def main() -> int:
             f"Peak RSS (fresh process, model and libraries included; {scope}): {args.size}² "
             f"{mem['small']['rss_mb']:.0f} MB, {args.big}² {mem['big']['rss_mb']:.0f} MB: "
             f"ratio {ratio:.3f}, for {(args.big / args.size) ** 2:.0f}× the pixels "
-            f"({mem['big']['seconds']:.0f} s for the {args.big}² refine).",
+            f"({mem['big']['seconds']:.0f} s for the {args.big}² refine)"
+            + (f"; at `{args.against}`: {mem['big_then']['rss_mb']:.0f} MB, {mem['big_then']['seconds']:.0f} s "
+               f"(ours ÷ it: RSS {mem['big']['rss_mb'] / mem['big_then']['rss_mb']:.3f}, "
+               f"time {mem['big']['seconds'] / mem['big_then']['seconds']:.3f})" if then else "") + ".",
             "",
         ]
     text = "\n".join(lines)
