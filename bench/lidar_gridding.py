@@ -32,7 +32,7 @@ COMMAND = "python bench/lidar_gridding.py --runs 5"
 
 
 def load(paths, resolution):
-    from deepdem.lidar import GridSpec
+    from deepdem.lidar import Grid
     from deepdem.lidar.read import open_sources, stream_points
 
     sources = open_sources([str(p) for p in paths])
@@ -44,7 +44,7 @@ def load(paths, resolution):
     cls = np.concatenate([c.classification for c in chunks])
     first = np.concatenate([c.first for c in chunks])
     bounds = (x.min(), y.min(), x.max(), y.max())
-    grid = GridSpec.from_bounds(bounds, resolution, crs)
+    grid = Grid.from_bounds(bounds, resolution, crs)
     return grid, x, y, z, cls, first
 
 

@@ -11,8 +11,9 @@ import numpy as np
 import pyproj
 import pytest
 import rasterio
+from rasterio.transform import from_origin
 
-from deepdem.lidar import GridSpec, OutlierParams, grid_lidar, read_las_crs
+from deepdem.lidar import Grid, OutlierParams, grid_lidar, read_las_crs
 from deepdem.lidar.cli import add_lidar_parser
 from deepdem.lidar.grid import tin_interpolate
 from deepdem.lidar.ground import smrf_object_mask
@@ -317,7 +318,7 @@ def test_argument_errors(tmp_path, capsys):
 
 
 def test_tin_respects_max_gap():
-    grid = GridSpec(0.0, 10.0, 1.0, 10, 10, pyproj.CRS.from_epsg(32631))
+    grid = Grid(pyproj.CRS.from_epsg(32631), from_origin(0.0, 10.0, 1.0, 1.0), 10, 10)
     # Two point clusters 6 m apart: bridged with max_gap 8, not with max_gap 3.
     xs = np.r_[np.linspace(0, 2, 5).repeat(5), np.linspace(8, 10, 5).repeat(5)]
     ys = np.tile(np.linspace(0, 10, 5), 10)

@@ -68,16 +68,12 @@ def ground_filter_baseline(dem: np.ndarray, transform, crs=None, slope: float = 
     ``slope`` (m/m) and ``window`` (m) are PDAL's filters.smrf defaults; the transform must be
     north-up with square pixels in metres.
     """
-    import pyproj
-
-    from .lidar.grid import GridSpec
+    from .grid import Grid
     from .lidar.ground import SMRFParams, smrf_surface
 
     filled = idw_fill(dem)
-    res = abs(transform.a)
-    grid = GridSpec(float(transform.c), float(transform.f), float(res), int(dem.shape[1]), int(dem.shape[0]),
-                    pyproj.CRS.from_user_input(crs.to_wkt()) if crs is not None else None)
-    surface = smrf_surface(filled, grid, SMRFParams(cell=res, slope=slope, window=window))
+    grid = Grid(crs, transform, *dem.shape)
+    surface = smrf_surface(filled, grid, SMRFParams(cell=grid.res, slope=slope, window=window))
     return np.where(np.isfinite(filled), surface, np.nan)
 
 

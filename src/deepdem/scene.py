@@ -35,6 +35,7 @@ from rasterio.windows import Window
 
 from . import __version__
 from .errors import InputError
+from .grid import Grid
 from .io import atomic_directory, invalid_mask, write_raster
 
 SCENE_FORMAT = "deepdem-scene"
@@ -86,41 +87,6 @@ BANDS: dict[str, BandSpec] = {
 }
 INPUT_BANDS = ("dsm", "ortho_left", "ortho_right", "triangulation_error", "ndvi", "nodata_mask")
 TARGET_BANDS = ("truth_dsm", "truth_dtm")
-
-
-@dataclass(frozen=True)
-class Grid:
-    """A raster grid: CRS, affine transform and shape (rows, cols)."""
-
-    crs: CRS
-    transform: Affine
-    height: int
-    width: int
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (self.height, self.width)
-
-    @property
-    def resolution(self) -> tuple[float, float]:
-        return (abs(self.transform.a), abs(self.transform.e))
-
-    @property
-    def bounds(self) -> tuple[float, float, float, float]:
-        return rasterio.transform.array_bounds(self.height, self.width, self.transform)[:4]
-
-    def to_json(self) -> dict:
-        return {
-            "crs": self.crs.to_wkt() if self.crs else None,
-            "transform": list(self.transform)[:6],
-            "height": self.height,
-            "width": self.width,
-        }
-
-    @classmethod
-    def from_json(cls, data: Mapping) -> "Grid":
-        crs = CRS.from_wkt(data["crs"]) if data.get("crs") else None
-        return cls(crs, Affine(*data["transform"]), int(data["height"]), int(data["width"]))
 
 
 def band_statistics(data: np.ndarray, valid: np.ndarray) -> dict:

@@ -73,17 +73,19 @@ def add_lidar_parser(subparsers) -> argparse.ArgumentParser:
 
 def run_lidar(args) -> int:
     """Run the ``lidar`` subcommand; user errors print one line and return 2."""
+    import pyproj
+
     from .products import grid_lidar
 
     try:
         inputs = list(args.inputs)
         if args.usgs_3dep:
-            from .remote import DEFAULT_3DEP_INDEX, find_3dep
-            from .grid import GridSpec
+            from ..grid import Grid
             from .crs import parse_user_crs
+            from .remote import DEFAULT_3DEP_INDEX, find_3dep
 
             if args.like:
-                gs = GridSpec.like(args.like)
+                gs = Grid.like(args.like)
                 bounds, crs = gs.bounds, gs.crs
             elif args.bounds and args.crs:
                 bounds, crs = args.bounds, parse_user_crs(args.crs)
@@ -112,7 +114,8 @@ def run_lidar(args) -> int:
         print(f"deepdem: error: {exc}", file=sys.stderr)
         return 2
     g = products.grid
-    print(f"{args.out}: {g.width} x {g.height} cells at {g.res} ({g.crs.name}); "
+    print(f"{args.out}: {g.width} x {g.height} cells at {g.res} "
+          f"({pyproj.CRS.from_user_input(g.crs).name}); "
           f"{products.points_gridded} points, {products.ground_points} ground "
           f"({products.ground_source})")
     return 0

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from .grid import GridSpec, tin_interpolate
+from ..grid import Grid
+from .grid import tin_interpolate
 
 
 @dataclass
@@ -63,7 +64,7 @@ def smrf_object_mask(zmin: np.ndarray, cell: float, slope: float, window: float)
     return objects & np.isfinite(zmin)
 
 
-def smrf_surface(zmin: np.ndarray, grid: GridSpec, params: SMRFParams) -> np.ndarray:
+def smrf_surface(zmin: np.ndarray, grid: Grid, params: SMRFParams) -> np.ndarray:
     """Provisional ground surface on ``grid`` from the per-cell minimum ``zmin``.
 
     ``params`` must already be in the grid's CRS units.
@@ -82,7 +83,7 @@ def smrf_surface(zmin: np.ndarray, grid: GridSpec, params: SMRFParams) -> np.nda
 class GroundClassifier:
     """Labels points ground when they lie close to a provisional SMRF ground surface."""
 
-    def __init__(self, surface: np.ndarray, grid: GridSpec, params: SMRFParams):
+    def __init__(self, surface: np.ndarray, grid: Grid, params: SMRFParams):
         self.surface = surface
         self.grid = grid
         self.params = params
@@ -90,10 +91,10 @@ class GroundClassifier:
         self.slope = np.hypot(gx, gy)
 
     def __call__(self, x: np.ndarray, y: np.ndarray, z: np.ndarray) -> np.ndarray:
-        g = self.grid
+        res, t = self.grid.res, self.grid.transform
         # Fractional (row, col) of each point relative to the cell centres.
-        col = (x - g.x0) / g.res - 0.5
-        row = (g.y0 - y) / g.res - 0.5
+        col = (x - t.c) / res - 0.5
+        row = (t.f - y) / res - 0.5
         coords = np.vstack([row, col])
         ref = ndimage.map_coordinates(self.surface, coords, order=1, mode="nearest")
         slope = ndimage.map_coordinates(self.slope, coords, order=1, mode="nearest")
@@ -121,7 +122,7 @@ class OutlierParams:
 class OutlierFilter:
     """Point test built from per-cell max/min grids of a first pass."""
 
-    def __init__(self, zmax: np.ndarray, zmin: np.ndarray, grid: GridSpec,
+    def __init__(self, zmax: np.ndarray, zmin: np.ndarray, grid: Grid,
                  params: OutlierParams, z_unit_m: float = 1.0):
         size = 2 * params.radius + 1
         ring = np.ones((size, size), dtype=bool)

@@ -17,10 +17,11 @@ import numpy as np
 import pyproj
 
 from ..errors import InputError
+from ..grid import Grid
 from ..io import atomic_directory, write_raster
 from .chunks import DEFAULT_CHUNK, PointSource
 from .crs import horizontal_part, output_units, parse_user_crs
-from .grid import CellStats, GridSpec, GroundCells, fill_small_gaps, tin_interpolate
+from .grid import CellStats, GroundCells, fill_small_gaps, tin_interpolate
 from .ground import GroundClassifier, OutlierFilter, OutlierParams, SMRFParams, smrf_surface
 from .read import PointFilter, open_sources, stream_points
 
@@ -32,7 +33,7 @@ GROUND_MODES = ("auto", "class", "filter")
 class LidarProducts:
     """Rasters made from the points (float arrays, NaN = no data) and how they were made."""
 
-    grid: GridSpec
+    grid: Grid
     dsm: np.ndarray
     dtm: np.ndarray
     density: np.ndarray
@@ -68,9 +69,9 @@ class _Progress:
             self.bar.close()
 
 
-def _resolve_crs(sources: Sequence[PointSource], crs, like_grid: GridSpec | None) -> pyproj.CRS:
+def _resolve_crs(sources: Sequence[PointSource], crs, like_grid: Grid | None) -> pyproj.CRS:
     if like_grid is not None:
-        out = like_grid.crs
+        out = pyproj.CRS.from_user_input(like_grid.crs)
         if crs is not None and not horizontal_part(crs).equals(horizontal_part(out),
                                                                  ignore_axis_order=True):
             raise InputError("--crs differs from the CRS of the --like raster; give one of them")
@@ -136,7 +137,7 @@ def grid_lidar(
     point_filter = point_filter or PointFilter()
     if isinstance(crs, str):
         crs = parse_user_crs(crs)
-    like_grid = GridSpec.like(like) if like is not None else None
+    like_grid = Grid.like(like) if like is not None else None
 
     strings = [str(i) for i in inputs if not isinstance(i, PointSource)]
     sources = [i for i in inputs if isinstance(i, PointSource)]
@@ -173,7 +174,7 @@ def grid_lidar(
                       max(b[2] for b in boxes), max(b[3] for b in boxes))
         if len(bounds) != 4 or not (bounds[0] < bounds[2] and bounds[1] < bounds[3]):
             raise InputError(f"--bounds must be xmin ymin xmax ymax, got {list(bounds)}")
-        grid = GridSpec.from_bounds(bounds, float(resolution), out_crs)
+        grid = Grid.from_bounds(bounds, float(resolution), out_crs)
 
     gap = max_gap / xy_m
     halo = int(min(math.ceil(gap / grid.res), 256))
@@ -227,7 +228,7 @@ def grid_lidar(
         p = SMRFParams(cell=smrf.cell / xy_m, slope=smrf.slope * xy_m / z_m,
                        window=smrf.window / xy_m, threshold=smrf.threshold / z_m,
                        scalar=smrf.scalar * xy_m / z_m)
-        sgrid = GridSpec.from_bounds(work.bounds, p.cell, out_crs)
+        sgrid = Grid.from_bounds(work.bounds, p.cell, out_crs)
         zmin = np.full(sgrid.size, np.inf)
         for pts, idx in passes("ground filter"):
             if outlier_filter is not None:
@@ -287,7 +288,6 @@ def write_products(products: LidarProducts, out_dir: str | Path, sources=(), par
     """Write dsm.tif, dtm.tif, density.tif (and chm.tif) plus lidar.json, all or nothing."""
     out_dir = Path(out_dir)
     g = products.grid
-    crs_wkt = g.crs.to_wkt()
     layers = {"dsm": (products.dsm, "highest first-or-only return per cell"),
               "dtm": (products.dtm, f"ground ({products.ground_source}), TIN-interpolated"),
               "density": (products.density, "points per square metre (all kept returns)")}
@@ -297,12 +297,12 @@ def write_products(products: LidarProducts, out_dir: str | Path, sources=(), par
     with atomic_directory(out_dir) as tmp:
         for name, (arr, desc) in layers.items():
             data = np.where(np.isfinite(arr), arr, NODATA).astype(np.float32)
-            write_raster(tmp / f"{name}.tif", data, g.transform, crs_wkt, nodata=NODATA,
+            write_raster(tmp / f"{name}.tif", data, g.transform, g.crs, nodata=NODATA,
                          description=desc)
             files[name] = out_dir / f"{name}.tif"
         meta = dict(
-            crs=g.crs.name, resolution=g.res, bounds=list(g.bounds), width=g.width,
-            height=g.height, ground_source=products.ground_source,
+            crs=pyproj.CRS.from_user_input(g.crs).name, resolution=g.res, bounds=list(g.bounds),
+            width=g.width, height=g.height, ground_source=products.ground_source,
             points_read=products.points_read, points_gridded=products.points_gridded,
             ground_points=products.ground_points, outliers_removed=products.outliers_removed,
             inputs=[dict(location=s.location, crs=s.crs.name if s.crs else None,
