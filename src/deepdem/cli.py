@@ -202,17 +202,9 @@ def _demo(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(
-        prog="deepdem",
-        description="Refine a satellite-stereo DSM into an accurate DSM or DTM with deep learning.",
-        epilog="Run 'deepdem COMMAND --help' for the flags of a command.",
-    )
-    parser.add_argument("--version", action="version", version=f"deepdem {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log each step")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = sub.add_parser("synth", help="generate a realistic scene with ASP-like inputs and truth")
+def _add_synth_parser(subparsers) -> None:
+    """Add the ``synth`` subcommand."""
+    p = subparsers.add_parser("synth", help="generate a realistic scene with ASP-like inputs and truth")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=number(int, 32), default=512, help="pixels on a side (default 512)")
@@ -224,7 +216,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "matching them with OpenCV's semi-global matcher (needs --truth-dsm)")
     p.set_defaults(func=_synth)
 
-    p = sub.add_parser("prepare", help="build a Scene from input rasters (aligned on the DSM grid)")
+
+def _add_prepare_parser(subparsers) -> None:
+    """Add the ``prepare`` subcommand."""
+    p = subparsers.add_parser("prepare", help="build a Scene from input rasters (aligned on the DSM grid)")
     p.add_argument("--asp-prefix", help="ASP run prefix PATH/run: finds run-DEM.tif, run-IntersectionErr.tif and the "
                    "mapprojected images (see docs/prepare.md); the file flags below override")
     p.add_argument("--dsm", help="initial DSM (e.g. ASP run-DEM.tif)")
@@ -252,7 +247,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="scene directory to write")
     p.set_defaults(func=_prepare)
 
-    p = sub.add_parser("ndvi", help="NDVI raster from a red/NIR image or from NASA HLS (STAC)")
+
+def _add_ndvi_parser(subparsers) -> None:
+    """Add the ``ndvi`` subcommand."""
+    p = subparsers.add_parser("ndvi", help="NDVI raster from a red/NIR image or from NASA HLS (STAC)")
     p.add_argument("--out", required=True, help="output GeoTIFF")
     p.add_argument("--like", help="grid to produce NDVI on: a raster or a scene directory")
     p.add_argument("--raster", help="multiband image with red and NIR (instead of HLS)")
@@ -263,22 +261,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-cloud", type=number(float, 0, 100), default=None, help="skip granules above this cloud cover (%%)")
     p.set_defaults(func=_ndvi)
 
-    p = sub.add_parser("train", help="train a refinement model on one or more scenes",
-                       description="Train a refinement model. Every flag is also a key of the YAML --config. "
-                       "On first use each scene's bands are cached, model-ready, in <scene>/.cache/ (or the "
-                       "temporary directory for a read-only scene): one file per band, about 25 bytes per "
-                       "pixel (a 10,000 x 10,000 px scene: 2.5 GB); delete it freely, it is rebuilt.")
+
+def _add_train_parser(subparsers) -> None:
+    """Add the ``train`` subcommand."""
+    p = subparsers.add_parser("train", help="train a refinement model on one or more scenes",
+                              description="Train a refinement model. Every flag is also a key of the YAML "
+                              "--config. On first use each scene's bands are cached, model-ready, in "
+                              "<scene>/.cache/ (or the temporary directory for a read-only scene): one file per "
+                              "band, about 25 bytes per pixel (a 10,000 x 10,000 px scene: 2.5 GB); delete it "
+                              "freely, it is rebuilt.")
     from .train import add_train_arguments
 
     add_train_arguments(p)
     p.set_defaults(func=_train)
 
-    p = sub.add_parser("export", help="export a checkpoint as safetensors + JSON (no pickle)")
+
+def _add_export_parser(subparsers) -> None:
+    """Add the ``export`` subcommand."""
+    p = subparsers.add_parser("export", help="export a checkpoint as safetensors + JSON (no pickle)")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--out", required=True, help="output path without suffix: OUT.safetensors and OUT.json")
     p.set_defaults(func=_export)
 
-    p = sub.add_parser("refine", help="refine a scene's DSM with a trained checkpoint")
+
+def _add_refine_parser(subparsers) -> None:
+    """Add the ``refine`` subcommand."""
+    p = subparsers.add_parser("refine", help="refine a scene's DSM with a trained checkpoint")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--scene", required=True)
     p.add_argument("--out", required=True, help="output GeoTIFF")
@@ -305,7 +313,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: as the checkpoint was trained)")
     p.set_defaults(func=_refine)
 
-    p = sub.add_parser("hillshade", help="hillshade (and slope) of a DEM GeoTIFF, as Cloud-Optimised GeoTIFFs")
+
+def _add_hillshade_parser(subparsers) -> None:
+    """Add the ``hillshade`` subcommand."""
+    p = subparsers.add_parser("hillshade", help="hillshade (and slope) of a DEM GeoTIFF, as Cloud-Optimised GeoTIFFs")
     p.add_argument("--dem", required=True)
     p.add_argument("--out", required=True, help="output hillshade GeoTIFF (byte, 0 = nodata)")
     p.add_argument("--multidirectional", action="store_true", help="mean of light from 225, 270, 315 and 360 deg")
@@ -315,9 +326,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slope", help="also write the slope (degrees) to this GeoTIFF")
     p.set_defaults(func=_hillshade)
 
-    p = sub.add_parser("evaluate", help="accuracy of a DEM (and the initial DSM, baselines) against a truth",
-                       description="Metrics (MAE, RMSE, bias, NMAD, |error| percentiles, LE90) of a DEM, the "
-                       "initial DSM and filter baselines on the same pixels, by land cover and slope.")
+
+def _add_evaluate_parser(subparsers) -> None:
+    """Add the ``evaluate`` subcommand."""
+    p = subparsers.add_parser("evaluate", help="accuracy of a DEM (and the initial DSM, baselines) against a truth",
+                              description="Metrics (MAE, RMSE, bias, NMAD, |error| percentiles, LE90) of a DEM, the "
+                              "initial DSM and filter baselines on the same pixels, by land cover and slope.")
     p.add_argument("--dem", required=True, help="the DEM to evaluate (e.g. deepdem refine's output)")
     p.add_argument("--truth", help="reference DEM (default with --scene: its truth_dsm or truth_dtm band)")
     p.add_argument("--initial", help="initial DSM, compared on the same pixels (default with --scene: its dsm)")
@@ -336,16 +350,32 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: the raster's tag, else gaussian)")
     p.set_defaults(func=_evaluate)
 
-    p = sub.add_parser("demo", help="synth → prepare → train → refine → evaluate on generated scenes")
+
+def _add_demo_parser(subparsers) -> None:
+    """Add the ``demo`` subcommand."""
+    p = subparsers.add_parser("demo", help="synth → prepare → train → refine → evaluate on generated scenes")
     p.add_argument("--out", default="demo_output")
     p.add_argument("--minutes", type=positive, default=5.0, help="training budget (default 5)")
     p.add_argument("--size", type=number(int, 64), default=512)
     p.add_argument("--chip-size", type=number(int, 32), default=128)
     p.set_defaults(func=_demo)
 
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(
+        prog="deepdem",
+        description="Refine a satellite-stereo DSM into an accurate DSM or DTM with deep learning.",
+        epilog="Run 'deepdem COMMAND --help' for the flags of a command.",
+    )
+    parser.add_argument("--version", action="version", version=f"deepdem {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log each step")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     from .lidar.cli import add_lidar_parser
 
-    add_lidar_parser(sub)
+    for add_parser in (_add_synth_parser, _add_prepare_parser, _add_ndvi_parser, _add_train_parser, _add_export_parser,
+                       _add_refine_parser, _add_hillshade_parser, _add_evaluate_parser, _add_demo_parser,
+                       add_lidar_parser):
+        add_parser(sub)
     return parser
 
 

@@ -38,6 +38,11 @@ GTIFF_PROFILE = dict(
 )
 
 
+def gtiff_profile(**overrides) -> dict:
+    """:data:`GTIFF_PROFILE` with ``overrides``; an override of None removes that creation option."""
+    return {key: value for key, value in {**GTIFF_PROFILE, **overrides}.items() if value is not None}
+
+
 def open_raster(path: str | os.PathLike):
     """Open a raster for reading, turning rasterio's errors into one-line input errors."""
     path = Path(path)
@@ -138,7 +143,7 @@ def write_raster(
     path.parent.mkdir(parents=True, exist_ok=True)
     array = np.asarray(array)
     dtype = dtype or str(array.dtype)
-    profile = dict(GTIFF_PROFILE)
+    profile = gtiff_profile()
     if predictor is not None:
         profile["predictor"] = predictor
     elif not np.issubdtype(np.dtype(dtype), np.floating):

@@ -215,28 +215,11 @@ def prepare_scene(
     computes NDVI from HLS when no ``ndvi`` is given. Nothing is written at ``out`` unless every
     input is usable.
     """
-    if upsampling not in CONTINUOUS_UPSAMPLING:
-        raise ValueError(f"upsampling must be one of {CONTINUOUS_UPSAMPLING}")
-    inputs = {"dsm": dsm, "ortho_left": ortho_left, "ortho_right": ortho_right,
-              "triangulation_error": triangulation_error, "ndvi": ndvi,
-              "truth_dsm": truth, "truth_dtm": truth_dtm}
-    inputs = {band: Path(path) for band, path in inputs.items() if path is not None}
-    for band, path in inputs.items():
-        if not path.exists():
-            raise InputError(f"{band.replace('_', ' ')} file not found", path)
-    if coregister and truth is None:
-        raise InputError("--coregister needs a truth DSM (--truth) to co-register to", dsm)
-
+    inputs = _checked_inputs({"dsm": dsm, "ortho_left": ortho_left, "ortho_right": ortho_right,
+                              "triangulation_error": triangulation_error, "ndvi": ndvi,
+                              "truth_dsm": truth, "truth_dtm": truth_dtm}, upsampling, coregister)
     grid = target_grid(dsm, crs, resolution)
-    with open_raster(dsm) as src:
-        same_grid = horizontal_crs(src.crs) == grid.crs and src.transform == grid.transform and src.shape == grid.shape
-    if same_grid:
-        dsm_data, _ = read_source(dsm, "dsm")
-    else:
-        dsm_data = align_to_grid(dsm, grid, "dsm", upsampling=upsampling)
-    if not np.isfinite(dsm_data).any():
-        raise InputError("DSM has no valid pixel (every value is nodata)", dsm)
-
+    dsm_data = _read_dsm(dsm, grid, upsampling)
     provenance: dict = {
         "inputs": {band: str(path.resolve()) for band, path in inputs.items()},
         "grid": {"source": "dsm" if crs is None and resolution is None else "crs/resolution",
@@ -246,7 +229,62 @@ def prepare_scene(
     if truth is not None:
         dsm_data, provenance["vertical_reference"] = vertical_transform(dsm_data, grid, dsm, truth)
 
-    bands: dict[str, np.ndarray] = {"dsm": dsm_data}
+    bands = {"dsm": dsm_data, **_align_inputs(inputs, grid, upsampling, image_band, ndvi_bands)}
+    if "ndvi" not in bands and hls:
+        from .imagery import hls_ndvi
+
+        bands["ndvi"], provenance["hls"] = hls_ndvi(grid, **hls)
+        if not np.isfinite(bands["ndvi"]).any():
+            raise InputError("HLS gave no clear observation over the scene (widen the date window)", dsm)
+    if "ndvi" in bands:
+        bands["ndvi"] = _ndvi_in_range(bands["ndvi"], inputs.get("ndvi", dsm))
+    if coregister:
+        provenance["coregistration"] = _coregister(bands, grid, dsm, coregister_max_ndvi, coregister_max_slope,
+                                                   coregister_max_shift_px)
+
+    for band in ("ortho_left", "ortho_right"):
+        bands[band] = equalize_image(bands[band], clahe_kernel, clahe_clip)
+    mask = nodata_mask(bands)
+    if not mask.any():
+        raise InputError("no pixel is valid in every input band (check the inputs' nodata and extents)", dsm)
+    bands["nodata_mask"] = mask.astype(np.uint8)
+    provenance["resampling"] = {
+        "continuous": f"{upsampling} (average where the source is >= 1.5x finer than the grid)",
+        "mask": "nearest",
+    }
+    return write_scene(out, grid, bands, provenance)
+
+
+def _checked_inputs(files: dict, upsampling: str, coregister: bool) -> dict[str, Path]:
+    """Prepare, step 1: the given input files by band, refused before any is read if one is missing."""
+    if upsampling not in CONTINUOUS_UPSAMPLING:
+        raise ValueError(f"upsampling must be one of {CONTINUOUS_UPSAMPLING}")
+    inputs = {band: Path(path) for band, path in files.items() if path is not None}
+    for band, path in inputs.items():
+        if not path.exists():
+            raise InputError(f"{band.replace('_', ' ')} file not found", path)
+    if coregister and "truth_dsm" not in inputs:
+        raise InputError("--coregister needs a truth DSM (--truth) to co-register to", files["dsm"])
+    return inputs
+
+
+def _read_dsm(dsm: str | os.PathLike, grid: Grid, upsampling: str) -> np.ndarray:
+    """Prepare, step 2: the DSM on the grid (read as is when the grid is its own)."""
+    with open_raster(dsm) as src:
+        same_grid = horizontal_crs(src.crs) == grid.crs and src.transform == grid.transform and src.shape == grid.shape
+    if same_grid:
+        dsm_data, _ = read_source(dsm, "dsm")
+    else:
+        dsm_data = align_to_grid(dsm, grid, "dsm", upsampling=upsampling)
+    if not np.isfinite(dsm_data).any():
+        raise InputError("DSM has no valid pixel (every value is nodata)", dsm)
+    return dsm_data
+
+
+def _align_inputs(inputs: dict[str, Path], grid: Grid, upsampling: str, image_band: int | None,
+                  ndvi_bands: tuple[int, int] | None) -> dict[str, np.ndarray]:
+    """Prepare, step 3: every input but the DSM aligned onto the grid, by band."""
+    bands: dict[str, np.ndarray] = {}
     for band, path in inputs.items():
         if band == "dsm":
             continue
@@ -261,62 +299,49 @@ def prepare_scene(
                     raise InputError(f"NDVI raster has {src.count} bands: pass --ndvi-bands NIR,RED "
                                      "(1-based, e.g. 1,2 for an IRC orthophoto)", path)
         bands[band] = align_to_grid(path, grid, band, **kwargs)
-    if "ndvi" not in bands and hls:
-        from .imagery import hls_ndvi
+    return bands
 
-        bands["ndvi"], provenance["hls"] = hls_ndvi(grid, **hls)
-        if not np.isfinite(bands["ndvi"]).any():
-            raise InputError("HLS gave no clear observation over the scene (widen the date window)", dsm)
-    if "ndvi" in bands:
-        ndvi_values = bands["ndvi"]
-        finite = np.isfinite(ndvi_values)
-        inside = finite & (np.abs(np.where(finite, ndvi_values, 0)) <= 1.0)
-        if finite.any() and inside.sum() < 0.5 * finite.sum():
-            raise InputError(f"NDVI values are outside [-1, 1] (range {np.nanmin(ndvi_values):.4g} to "
-                             f"{np.nanmax(ndvi_values):.4g}): scaled NDVI or not an NDVI raster "
-                             "(for a red/NIR image pass --ndvi-bands NIR,RED)", inputs.get("ndvi", dsm))
-        bands["ndvi"] = np.where(inside, ndvi_values, np.nan).astype(np.float32)
 
-    if coregister:
-        from .coregister import apply_shift, coregister_arrays, stable_ground
+def _ndvi_in_range(ndvi_values: np.ndarray, source: Path) -> np.ndarray:
+    """Prepare, step 4: the NDVI refused if mostly outside [-1, 1] (not NDVI), its stray values nodata."""
+    finite = np.isfinite(ndvi_values)
+    inside = finite & (np.abs(np.where(finite, ndvi_values, 0)) <= 1.0)
+    if finite.any() and inside.sum() < 0.5 * finite.sum():
+        raise InputError(f"NDVI values are outside [-1, 1] (range {np.nanmin(ndvi_values):.4g} to "
+                         f"{np.nanmax(ndvi_values):.4g}): scaled NDVI or not an NDVI raster "
+                         "(for a red/NIR image pass --ndvi-bands NIR,RED)", source)
+    return np.where(inside, ndvi_values, np.nan).astype(np.float32)
 
-        stable = stable_ground(bands["truth_dsm"], grid.resolution, bands.get("ndvi"),
-                               max_ndvi=coregister_max_ndvi, max_slope=coregister_max_slope)
-        try:
-            result = coregister_arrays(bands["truth_dsm"], bands["dsm"], grid.transform, grid.crs, stable)
-        except InputError as exc:
-            raise InputError(f"cannot co-register the DSM to the truth: {exc}", dsm) from None
-        record = result.to_json() | {
-            "stable_ground": {"max_ndvi": coregister_max_ndvi, "min_ndvi": 0.0, "max_slope_deg": coregister_max_slope},
-        }
-        shift_px = float(np.hypot(result.shift_x_px, result.shift_y_px))
-        if not result.nmad_after < result.nmad_before or shift_px > coregister_max_shift_px:
-            # Nuth & Kääb can diverge on too little or too flat stable ground; a shift that does
-            # not improve the fit (or is implausibly large) is reported, not applied.
-            record |= {"applied_to": [], "not_applied": f"shift {shift_px:.2f} px, NMAD {result.nmad_before:.3f} -> "
-                       f"{result.nmad_after:.3f} m (limit {coregister_max_shift_px} px, NMAD must decrease)"}
-            log.warning("co-registration NOT applied: %s", record["not_applied"])
-        else:
-            bands["dsm"] = apply_shift(bands["dsm"], grid.transform, grid.crs, result, heights=True)
-            # The orthos and the error map were made with the DSM's geometry: they move with it.
-            for band in ("ortho_left", "ortho_right", "triangulation_error"):
-                bands[band] = apply_shift(bands[band], grid.transform, grid.crs, result)
-            record["applied_to"] = ["dsm", "ortho_left", "ortho_right", "triangulation_error"]
-            log.info("co-registered the DSM to the truth: %s", result.summary())
-        provenance["coregistration"] = record
 
-    for band in ("ortho_left", "ortho_right"):
-        bands[band] = equalize_image(bands[band], clahe_kernel, clahe_clip)
+def _coregister(bands: dict[str, np.ndarray], grid: Grid, dsm: str | os.PathLike, max_ndvi: float,
+                max_slope: float, max_shift_px: float) -> dict:
+    """Prepare, step 5: the DSM and its geometry's bands shifted onto the truth in ``bands``; returns the record."""
+    from .coregister import apply_shift, coregister_arrays, stable_ground
 
-    mask = nodata_mask(bands)
-    if not mask.any():
-        raise InputError("no pixel is valid in every input band (check the inputs' nodata and extents)", dsm)
-    bands["nodata_mask"] = mask.astype(np.uint8)
-    provenance["resampling"] = {
-        "continuous": f"{upsampling} (average where the source is >= 1.5x finer than the grid)",
-        "mask": "nearest",
+    stable = stable_ground(bands["truth_dsm"], grid.resolution, bands.get("ndvi"),
+                           max_ndvi=max_ndvi, max_slope=max_slope)
+    try:
+        result = coregister_arrays(bands["truth_dsm"], bands["dsm"], grid.transform, grid.crs, stable)
+    except InputError as exc:
+        raise InputError(f"cannot co-register the DSM to the truth: {exc}", dsm) from None
+    record = result.to_json() | {
+        "stable_ground": {"max_ndvi": max_ndvi, "min_ndvi": 0.0, "max_slope_deg": max_slope},
     }
-    return write_scene(out, grid, bands, provenance)
+    shift_px = float(np.hypot(result.shift_x_px, result.shift_y_px))
+    if not result.nmad_after < result.nmad_before or shift_px > max_shift_px:
+        # Nuth & Kääb can diverge on too little or too flat stable ground; a shift that does
+        # not improve the fit (or is implausibly large) is reported, not applied.
+        record |= {"applied_to": [], "not_applied": f"shift {shift_px:.2f} px, NMAD {result.nmad_before:.3f} -> "
+                   f"{result.nmad_after:.3f} m (limit {max_shift_px} px, NMAD must decrease)"}
+        log.warning("co-registration NOT applied: %s", record["not_applied"])
+    else:
+        bands["dsm"] = apply_shift(bands["dsm"], grid.transform, grid.crs, result, heights=True)
+        # The orthos and the error map were made with the DSM's geometry: they move with it.
+        for band in ("ortho_left", "ortho_right", "triangulation_error"):
+            bands[band] = apply_shift(bands[band], grid.transform, grid.crs, result)
+        record["applied_to"] = ["dsm", "ortho_left", "ortho_right", "triangulation_error"]
+        log.info("co-registered the DSM to the truth: %s", result.summary())
+    return record
 
 
 def prepare_from_asp_prefix(

@@ -79,7 +79,7 @@ def _stream_product(sources, out, compute, dtype: str, nodata, description: str,
     import rasterio.shutil
     from rasterio.windows import Window
 
-    from .io import atomic_path, open_raster
+    from .io import atomic_path, gtiff_profile, open_raster
 
     out = Path(out)
     handles = []
@@ -95,9 +95,10 @@ def _stream_product(sources, out, compute, dtype: str, nodata, description: str,
         height, width = ref.height, ref.width
         resolution = (abs(ref.transform.a), abs(ref.transform.e))
         work = out.with_name(f".{out.name}.work.tif")
-        profile = dict(driver="GTiff", tiled=True, blockxsize=256, blockysize=256, compress="zstd",
-                       zstd_level=1, height=height, width=width, count=1, dtype=dtype,
-                       crs=ref.crs, transform=ref.transform, nodata=nodata, BIGTIFF="IF_SAFER")
+        # The work file is read once into the COG: zstd's fastest level, and no predictor, as the
+        # base's floating-point one does not apply to the byte hillshade.
+        profile = dict(gtiff_profile(zstd_level=1, predictor=None), height=height, width=width, count=1,
+                       dtype=dtype, crs=ref.crs, transform=ref.transform, nodata=nodata)
         try:
             with rasterio.open(work, "w", **profile) as dst:
                 dst.set_band_description(1, description)

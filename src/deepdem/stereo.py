@@ -105,7 +105,6 @@ def simulate_stereo(
         raise ValueError("truth_dsm and radiance must be finite everywhere")
     if block_size < 1 or block_size % 2 == 0:
         raise ValueError(f"block_size must be odd and positive, got {block_size}")
-    h, w = truth.shape
     k_left, k_right = (x_displacement_per_metre(v) / resolution for v in views)  # px per metre
     parallax = k_right - k_left  # px of disparity (x_left − x_right) per metre above the reference
     if abs(parallax) * resolution < 0.05:
@@ -115,8 +114,25 @@ def simulate_stereo(
     # against a seed DEM does.
     z_ref = float(np.median(truth))
     z_rel = truth - z_ref
+    left, right = _render_pair(z_rel, rad, k_left, k_right, rng, noise)
+    disparity, valid, lr_diff, confidence = _match_pair(left, right, z_rel, parallax, block_size)
+    # Step 3, triangulation in the left frame: the cameras are exact, so it is one division.
+    height_left = z_ref + disparity / parallax
+    tri_left = _triangulation_error(valid, lr_diff, confidence, parallax)
+    dsm, tri = _to_ground_grid(height_left, tri_left, k_left, z_ref)
+    orthos = _mapproject((left, right), (k_left, k_right), dsm, z_ref)
+    return StereoResult(
+        dsm=dsm.astype(np.float32),
+        ortho_left=orthos[0].astype(np.float32),
+        ortho_right=orthos[1].astype(np.float32),
+        triangulation_error=tri.astype(np.float32),
+        disparity_px=disparity.astype(np.float32),
+    )
 
-    # -- 1. render the two views ------------------------------------------------------------
+
+def _render_pair(z_rel: np.ndarray, rad: np.ndarray, k_left: float, k_right: float, rng: np.random.Generator,
+                 noise: float) -> tuple[np.ndarray, np.ndarray]:
+    """Stereo, step 1: the two views rendered, the right one with its own gain and offset, both with noise."""
     lo, hi = np.percentile(rad, [1, 99])
     span = max(float(hi - lo), 1e-6)
     images = []
@@ -125,14 +141,17 @@ def simulate_stereo(
         gain = 1.0 if i == 0 else rng.uniform(0.95, 1.05)
         offset = 0.0 if i == 0 else rng.uniform(-0.01, 0.01) * span
         images.append(img * gain + offset + rng.normal(0.0, noise * span, size=img.shape))
-    left, right = images
+    return images[0], images[1]
 
+
+def _match_pair(left: np.ndarray, right: np.ndarray, z_rel: np.ndarray, parallax: float,
+                block_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Stereo, step 2: SGBM both ways; the left disparity (NaN = no match), its mask, the LR disagreement, the NCC."""
     # 8-bit with one stretch for both, so the gain difference survives into the matcher.
     both = np.concatenate([left.ravel(), right.ravel()])
     s_lo, s_hi = np.percentile(both, [0.5, 99.5])
     left8, right8 = (_to_uint8(a, s_lo, s_hi) for a in (left, right))
 
-    # -- 2. semi-global matching both ways ---------------------------------------------------
     d_lo, d_hi = sorted((float(z_rel.min()) * parallax, float(z_rel.max()) * parallax))
     margin = 8.0 + 0.1 * (d_hi - d_lo)
     min_disp = int(math.floor(d_lo - margin))
@@ -142,6 +161,7 @@ def simulate_stereo(
     # gives, at each right pixel, x_left − x_right in the same sign convention as the left one.
     disp_right = _sgbm(right8[:, ::-1].copy(), left8[:, ::-1].copy(), min_disp, num_disp, block_size)[:, ::-1]
 
+    w = left.shape[1]
     cols = np.arange(w, dtype=np.float64)[None, :]
     x_right = cols - disp_left
     inside = (x_right >= 0) & (x_right <= w - 1)  # the match must lie in the right image
@@ -154,38 +174,40 @@ def simulate_stereo(
     # onto it by the matched disparity, as ASP's correlator scores a match.
     warped = _sample_rows(right, np.where(valid, x_right, cols), order=1)
     confidence = np.clip(_local_ncc(left, warped, block_size), 0.0, 1.0)
+    return disparity, valid, lr_diff, confidence
 
-    # -- 3. triangulate in the left frame ----------------------------------------------------
-    height_left = z_ref + disparity / parallax
 
-    # -- 4. triangulation error --------------------------------------------------------------
+def _triangulation_error(valid: np.ndarray, lr_diff: np.ndarray, confidence: np.ndarray,
+                         parallax: float) -> np.ndarray:
+    """Stereo, step 4: the triangulation error of each left pixel (m), NaN where it has no match."""
     # Intersection error stand-in: ASP's ray miss-distance grows with matching inconsistency;
     # a disparity error of δ px is δ·resolution/(B/H) metres of height, so express the LR
     # disagreement and the lack of correlation in those units:
     #     tri = resolution / (B/H) · (|d_LR − d_RL| + 0.25·(1 − NCC))
     px_to_m = 1.0 / abs(parallax)
-    tri_left = np.where(valid, px_to_m * (lr_diff + 0.25 * (1.0 - confidence)), np.nan)
+    return np.where(valid, px_to_m * (lr_diff + 0.25 * (1.0 - confidence)), np.nan)
 
-    # -- 3b. back onto the ground grid, as point2dem does -----------------------------------
+
+def _to_ground_grid(height_left: np.ndarray, tri_left: np.ndarray, k_left: float,
+                    z_ref: float) -> tuple[np.ndarray, np.ndarray]:
+    """Stereo, step 5: left-frame heights and errors resampled onto the ground grid, as point2dem does."""
+    w = height_left.shape[1]
+    cols = np.arange(w, dtype=np.float64)[None, :]
     ground_x = cols + (height_left - z_ref) * k_left  # the ground point the left pixel sees
     dsm, tri = _splat_to_ground(ground_x, height_left, tri_left, w)
-    dsm, tri = _fill_short_gaps(dsm, tri, _MAX_GROUND_GAP)
+    return _fill_short_gaps(dsm, tri, _MAX_GROUND_GAP)
 
-    # -- 5. mapproject both images through the matched DSM -----------------------------------
+
+def _mapproject(images: tuple[np.ndarray, np.ndarray], ks: tuple[float, float], dsm: np.ndarray,
+                z_ref: float) -> list[np.ndarray]:
+    """Stereo, step 6: each image mapprojected through the matched DSM (its holes filled), in DN."""
     filled = fill_nearest(dsm) if np.isfinite(dsm).any() else np.full_like(dsm, z_ref)
-    ground = np.arange(w, dtype=np.float64)[None, :]
+    ground = np.arange(dsm.shape[1], dtype=np.float64)[None, :]
     orthos = []
-    for img, k in ((left, k_left), (right, k_right)):
+    for img, k in zip(images, ks):
         sampled = _sample_rows(img, ground - (filled - z_ref) * k, order=1)
         orthos.append(np.clip(sampled, 0.0, None) * _DN_SCALE)
-
-    return StereoResult(
-        dsm=dsm.astype(np.float32),
-        ortho_left=orthos[0].astype(np.float32),
-        ortho_right=orthos[1].astype(np.float32),
-        triangulation_error=tri.astype(np.float32),
-        disparity_px=disparity.astype(np.float32),
-    )
+    return orthos
 
 
 def _to_uint8(a: np.ndarray, lo: float, hi: float) -> np.ndarray:

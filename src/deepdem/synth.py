@@ -287,86 +287,19 @@ def observe(truth_dsm: np.ndarray, truth_dtm: np.ndarray, cover: np.ndarray, con
     """
     if errors not in ERROR_MODES:
         raise InputError(f"errors must be one of {', '.join(ERROR_MODES)}, got {errors!r}")
-    res = config.resolution
-    shape = truth_dsm.shape
-    h, w = shape
-    rows, cols = np.mgrid[0:h, 0:w].astype(np.float64)
-
-    # -- radiometry of the true surface ---------------------------------------------------
     if albedo is None:
-        albedo = np.choose(cover, [0.34, 0.22, 0.17, 0.0, 0.10, 0.05]).astype(np.float64)
-        labels, _ = ndimage.label(cover == BUILDING)
-        if labels.max():
-            per_building = rng.uniform(0.15, 0.6, size=labels.max() + 1)
-            albedo = np.where(cover == BUILDING, per_building[labels], albedo)
-        fine = ndimage.gaussian_filter(rng.normal(size=shape), 0.7)
-        medium = ndimage.gaussian_filter(rng.normal(size=shape), 3.0 / res)
-        texture_strength = np.choose(cover, [0.25, 0.3, 0.1, 0.04, 0.45, 0.03])
-        albedo = albedo * np.clip(1 + texture_strength * (fine / (fine.std() + 1e-9) * 0.6 + medium / (medium.std() + 1e-9) * 0.6), 0.2, 3)
-
-    gy, gx = np.gradient(truth_dsm, res)
-    sun_az, sun_el = math.radians(config.sun_azimuth), math.radians(config.sun_elevation)
-    sun = np.array([math.sin(sun_az) * math.cos(sun_el), math.cos(sun_az) * math.cos(sun_el), math.sin(sun_el)])
-    # Normal of z(x, y) with rows running south: (-dz/dx, +dz/drow·(-1) → north), up.
-    normal = np.stack([-gx, gy, np.ones_like(gx)])
-    normal /= np.linalg.norm(normal, axis=0)
-    lambert = np.clip(np.tensordot(sun, normal, axes=1), 0, 1)
-    shadow = cast_shadow(truth_dsm, res, config.sun_azimuth, config.sun_elevation)
-    radiance = albedo * (0.18 + 0.82 * lambert * ~shadow)
-
+        albedo = _albedo(cover, config.resolution, rng)
+    radiance, shadow = _radiance(truth_dsm, albedo, config)
     if errors == "sgbm":
         return _observe_by_matching(truth_dsm, truth_dtm, cover, radiance, shadow, config, rng, transform)
 
-    # -- stereo DSM with ASP's errors ------------------------------------------------------
-    canopy_height = np.where(cover == TREE, truth_dsm - truth_dtm, 0.0)
-    underestimate = np.clip(0.7 + 0.15 * fractal_surface(rng, shape, beta=2.5), 0.4, 0.95)
-    surface = truth_dsm - canopy_height * (1 - underestimate)
-    fattened = ndimage.grey_dilation(surface, size=(3, 3))
-    smoothed = 0.6 * ndimage.gaussian_filter(surface, 1.5) + 0.4 * ndimage.gaussian_filter(fattened, 1.0)
-
-    texture = ndimage.gaussian_filter(np.abs(ndimage.laplace(ndimage.gaussian_filter(radiance, 0.8))), 2.0)
-    texture /= np.percentile(texture, 75) + 1e-9
-    slope = np.hypot(*np.gradient(truth_dtm, res))
-    sigma = config.noise_base * (1 + 2.5 * np.exp(-3 * texture) + 1.5 * np.clip(slope, 0, 2))
-    correlated = ndimage.gaussian_filter(rng.normal(size=shape), 1.0)
-    correlated /= correlated.std() + 1e-12
-    dsm = smoothed + sigma * correlated
-
-    blunders = int(rng.integers(3, 7))
-    if config.blunders_per_km2 is not None:
-        blunders = int(rng.poisson(config.blunders_per_km2 * h * w * res * res / 1e6))
-    for _ in range(blunders):  # blunders: smooth bumps and pits of 5–25 m
-        by, bx = rng.uniform(0, h), rng.uniform(0, w)
-        radius = rng.uniform(3, 10) / res
-        dsm += rng.choice([-1, 1]) * rng.uniform(5, 25) * np.exp(-((rows - by) ** 2 + (cols - bx) ** 2) / (2 * radius**2))
-
-    shift_px = rng.uniform(-0.8, 0.8, size=2)
-    shift_z = float(rng.uniform(-0.6, 0.6))
-    dsm = ndimage.shift(dsm, shift_px, order=1, mode="nearest") + shift_z
-
-    # Orthoimages: sample the true radiance where each view's ray through the erroneous DSM
-    # meets the true surface (displacement -dz·tan(off-nadir) along the azimuth).
-    dz = dsm - truth_dsm
-    orthos = []
-    occluded = np.zeros(shape, dtype=bool)
-    for i, view in enumerate(config.views):
-        ortho = render_ortho(radiance, dz, view, res)
-        gain, offset = rng.uniform(0.9, 1.1), rng.uniform(-0.01, 0.01)
-        ortho = ortho * gain + offset + rng.normal(0, 0.006, size=shape)
-        orthos.append(np.clip(ortho, 0.0, None) * 2000.0)  # 11-bit-like digital numbers
-        occluded |= cast_shadow(truth_dsm, res, view.azimuth, 90.0 - view.off_nadir)
-
-    # Holes: water, deep shadows with little texture, occlusions, and scattered failures.
-    holes = (cover == WATER) & (rng.random(shape) < 0.97)
-    holes |= shadow & (texture < 0.2)
-    holes |= ndimage.binary_opening(occluded, iterations=1)
-    failures = ndimage.gaussian_filter(rng.normal(size=shape), 4.0 / res)
-    holes |= failures > 2.5 * failures.std()
-    holes = ndimage.binary_opening(holes, iterations=1)
+    texture = _texture(radiance)
+    dsm, shift_px, shift_z = _modelled_dsm(truth_dsm, truth_dtm, cover, texture, config, rng)
+    orthos, occluded = _modelled_orthos(radiance, dsm - truth_dsm, truth_dsm, config, rng)
+    holes = _modelled_holes(cover, shadow, texture, occluded, config.resolution, rng)
     dsm = np.where(holes, np.nan, dsm)
-
     error = ndimage.gaussian_filter(np.abs(np.nan_to_num(dsm - truth_dsm, nan=0.0)), 1.0)
-    tri = (0.08 + 0.25 * error) * rng.lognormal(0.0, 0.35, size=shape)
+    tri = (0.08 + 0.25 * error) * rng.lognormal(0.0, 0.35, size=truth_dsm.shape)
     tri = np.where(holes, np.nan, tri)
 
     return SynthScene(
@@ -383,6 +316,101 @@ def observe(truth_dsm: np.ndarray, truth_dtm: np.ndarray, cover: np.ndarray, con
         landcover=cover,
         shifts={"dx_px": float(shift_px[1]), "dy_px": float(shift_px[0]), "dz_m": shift_z},
     )
+
+
+def _albedo(cover: np.ndarray, res: float, rng: np.random.Generator) -> np.ndarray:
+    """Observe, step 1: the ground's albedo from its land cover, one per building, textured."""
+    shape = cover.shape
+    albedo = np.choose(cover, [0.34, 0.22, 0.17, 0.0, 0.10, 0.05]).astype(np.float64)
+    labels, _ = ndimage.label(cover == BUILDING)
+    if labels.max():
+        per_building = rng.uniform(0.15, 0.6, size=labels.max() + 1)
+        albedo = np.where(cover == BUILDING, per_building[labels], albedo)
+    fine = ndimage.gaussian_filter(rng.normal(size=shape), 0.7)
+    medium = ndimage.gaussian_filter(rng.normal(size=shape), 3.0 / res)
+    texture_strength = np.choose(cover, [0.25, 0.3, 0.1, 0.04, 0.45, 0.03])
+    return albedo * np.clip(1 + texture_strength * (fine / (fine.std() + 1e-9) * 0.6 + medium / (medium.std() + 1e-9) * 0.6), 0.2, 3)
+
+
+def _radiance(truth_dsm: np.ndarray, albedo: np.ndarray, config: SynthConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Observe, step 2: the true surface's radiance under the sun (Lambert, cast shadows), and its shadows."""
+    res = config.resolution
+    gy, gx = np.gradient(truth_dsm, res)
+    sun_az, sun_el = math.radians(config.sun_azimuth), math.radians(config.sun_elevation)
+    sun = np.array([math.sin(sun_az) * math.cos(sun_el), math.cos(sun_az) * math.cos(sun_el), math.sin(sun_el)])
+    # Normal of z(x, y) with rows running south: (-dz/dx, +dz/drow·(-1) → north), up.
+    normal = np.stack([-gx, gy, np.ones_like(gx)])
+    normal /= np.linalg.norm(normal, axis=0)
+    lambert = np.clip(np.tensordot(sun, normal, axes=1), 0, 1)
+    shadow = cast_shadow(truth_dsm, res, config.sun_azimuth, config.sun_elevation)
+    return albedo * (0.18 + 0.82 * lambert * ~shadow), shadow
+
+
+def _texture(radiance: np.ndarray) -> np.ndarray:
+    """Observe, step 3: the radiance's local contrast (in units of its 75th percentile), which matching needs."""
+    texture = ndimage.gaussian_filter(np.abs(ndimage.laplace(ndimage.gaussian_filter(radiance, 0.8))), 2.0)
+    texture /= np.percentile(texture, 75) + 1e-9
+    return texture
+
+
+def _modelled_dsm(truth_dsm: np.ndarray, truth_dtm: np.ndarray, cover: np.ndarray, texture: np.ndarray,
+                  config: SynthConfig, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, float]:
+    """Observe, step 4: the stereo DSM with ASP's errors (no holes yet), its shift (px) and vertical shift."""
+    res = config.resolution
+    shape = truth_dsm.shape
+    h, w = shape
+    canopy_height = np.where(cover == TREE, truth_dsm - truth_dtm, 0.0)
+    underestimate = np.clip(0.7 + 0.15 * fractal_surface(rng, shape, beta=2.5), 0.4, 0.95)
+    surface = truth_dsm - canopy_height * (1 - underestimate)
+    fattened = ndimage.grey_dilation(surface, size=(3, 3))
+    smoothed = 0.6 * ndimage.gaussian_filter(surface, 1.5) + 0.4 * ndimage.gaussian_filter(fattened, 1.0)
+
+    slope = np.hypot(*np.gradient(truth_dtm, res))
+    sigma = config.noise_base * (1 + 2.5 * np.exp(-3 * texture) + 1.5 * np.clip(slope, 0, 2))
+    correlated = ndimage.gaussian_filter(rng.normal(size=shape), 1.0)
+    correlated /= correlated.std() + 1e-12
+    dsm = smoothed + sigma * correlated
+
+    blunders = int(rng.integers(3, 7))
+    if config.blunders_per_km2 is not None:
+        blunders = int(rng.poisson(config.blunders_per_km2 * h * w * res * res / 1e6))
+    rows, cols = np.mgrid[0:h, 0:w].astype(np.float64)
+    for _ in range(blunders):  # blunders: smooth bumps and pits of 5–25 m
+        by, bx = rng.uniform(0, h), rng.uniform(0, w)
+        radius = rng.uniform(3, 10) / res
+        dsm += rng.choice([-1, 1]) * rng.uniform(5, 25) * np.exp(-((rows - by) ** 2 + (cols - bx) ** 2) / (2 * radius**2))
+
+    shift_px = rng.uniform(-0.8, 0.8, size=2)
+    shift_z = float(rng.uniform(-0.6, 0.6))
+    return ndimage.shift(dsm, shift_px, order=1, mode="nearest") + shift_z, shift_px, shift_z
+
+
+def _modelled_orthos(radiance: np.ndarray, dz: np.ndarray, truth_dsm: np.ndarray, config: SynthConfig,
+                     rng: np.random.Generator) -> tuple[list[np.ndarray], np.ndarray]:
+    """Observe, step 5: both orthoimages through the erroneous DSM (in DN), and what the views cannot see."""
+    # Each view's ray through the erroneous DSM meets the true surface displaced by
+    # -dz·tan(off-nadir) along the azimuth: the ortho samples the true radiance there.
+    res = config.resolution
+    orthos = []
+    occluded = np.zeros(truth_dsm.shape, dtype=bool)
+    for view in config.views:
+        ortho = render_ortho(radiance, dz, view, res)
+        gain, offset = rng.uniform(0.9, 1.1), rng.uniform(-0.01, 0.01)
+        ortho = ortho * gain + offset + rng.normal(0, 0.006, size=truth_dsm.shape)
+        orthos.append(np.clip(ortho, 0.0, None) * 2000.0)  # 11-bit-like digital numbers
+        occluded |= cast_shadow(truth_dsm, res, view.azimuth, 90.0 - view.off_nadir)
+    return orthos, occluded
+
+
+def _modelled_holes(cover: np.ndarray, shadow: np.ndarray, texture: np.ndarray, occluded: np.ndarray, res: float,
+                    rng: np.random.Generator) -> np.ndarray:
+    """Observe, step 6: where ASP finds no match: water, dark untextured shadows, occlusions, scattered failures."""
+    holes = (cover == WATER) & (rng.random(cover.shape) < 0.97)
+    holes |= shadow & (texture < 0.2)
+    holes |= ndimage.binary_opening(occluded, iterations=1)
+    failures = ndimage.gaussian_filter(rng.normal(size=cover.shape), 4.0 / res)
+    holes |= failures > 2.5 * failures.std()
+    return ndimage.binary_opening(holes, iterations=1)
 
 
 def _ndvi(cover: np.ndarray, rng: np.random.Generator) -> np.ndarray:

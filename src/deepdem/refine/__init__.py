@@ -51,6 +51,7 @@ __all__ = ["refine", "sigma_path", "steady_heap", "BlockRefiner", "RefineSetting
            "blend_window", "blend_ramp", "cog_overview_factors", "COG_OPTIONS", "ABOVE_MAX_SIGMA", "TILE"]
 
 
+# Long only by its signature and docstring (18 documented arguments); the body is the run's steps in order.
 def refine(
     checkpoint: str | os.PathLike | DeepDEMRegressionTask,
     scene: str | os.PathLike | Scene,

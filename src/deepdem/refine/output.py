@@ -20,7 +20,7 @@ import rasterio
 import rasterio.shutil
 from rasterio.enums import Resampling
 
-from ..io import atomic_path
+from ..io import atomic_path, gtiff_profile
 from ..models import DeepDEMRegressionTask
 from ..scene import FLOAT_NODATA, Scene
 from ..uncertainty import SIGMA_TAG
@@ -34,9 +34,10 @@ SIGMA_TAGS = {SIGMA_TAG: "laplace",
               "DEEPDEM_SIGMA": "standard deviation (m) of the predicted Laplace error of each pixel"}
 
 #: Temporary (work) GeoTIFF: uncompressed, because it is read once into the COG and any
-#: compression there costs as much CPU as a fifth of the model (measured at 4096²).
-WORK_PROFILE = dict(driver="GTiff", tiled=True, blockxsize=TILE, blockysize=TILE, BIGTIFF="YES",
-                    interleave="band")
+#: compression there costs as much CPU as a fifth of the model (measured at 4096²). Its tiles are
+#: the blocks' unit (TILE), so that each block writes whole tiles.
+WORK_PROFILE = gtiff_profile(compress=None, predictor=None, zstd_level=None, blockxsize=TILE, blockysize=TILE,
+                             BIGTIFF="YES", interleave="band")
 #: GDAL's block cache (MB) for refine's final overview and COG steps. At GDAL's default, 5 % of
 #: RAM, those steps grew with the scene (1.25 GB more at 16384² than at 4096²) and ran 3-4x
 #: slower; they go through the raster window by window, so a small cache loses nothing.
