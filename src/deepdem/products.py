@@ -60,8 +60,6 @@ def multidirectional_hillshade(dem: np.ndarray, resolution, altitude: float = 45
 # Horn's 3×3 differences need one neighbour, and the scene's edges repeat their last row).
 
 PRODUCT_BLOCK = 2048
-_COG = dict(COMPRESS="DEFLATE", LEVEL=6, BLOCKSIZE=512, OVERVIEWS="AUTO", BIGTIFF="IF_SAFER",
-            NUM_THREADS="ALL_CPUS")
 
 
 def _read_valid(src, band: int, window) -> np.ndarray:
@@ -79,7 +77,7 @@ def _stream_product(sources, out, compute, dtype: str, nodata, description: str,
     import rasterio.shutil
     from rasterio.windows import Window
 
-    from .io import atomic_path, gtiff_profile, open_raster
+    from .io import COG_OPTIONS, atomic_path, gtiff_profile, open_raster
 
     out = Path(out)
     handles = []
@@ -113,7 +111,8 @@ def _stream_product(sources, out, compute, dtype: str, nodata, description: str,
                                        c - c0 : c - c0 + min(PRODUCT_BLOCK, width - c)]
                         dst.write(inner.astype(dtype), 1, window=Window(c, r, inner.shape[1], inner.shape[0]))
             with atomic_path(out) as tmp:
-                rasterio.shutil.copy(work, tmp, driver="COG", RESAMPLING=resampling, PREDICTOR=predictor, **_COG)
+                rasterio.shutil.copy(work, tmp, driver="COG", **{**COG_OPTIONS, "RESAMPLING": resampling,
+                                                                   "PREDICTOR": predictor})
         finally:
             work.unlink(missing_ok=True)
     finally:

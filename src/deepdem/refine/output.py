@@ -20,7 +20,7 @@ import rasterio
 import rasterio.shutil
 from rasterio.enums import Resampling
 
-from ..io import atomic_path, gtiff_profile
+from ..io import COG_OPTIONS, atomic_path, gtiff_profile
 from ..models import DeepDEMRegressionTask
 from ..scene import FLOAT_NODATA, Scene
 from ..uncertainty import SIGMA_TAG
@@ -42,9 +42,6 @@ WORK_PROFILE = gtiff_profile(compress=None, predictor=None, zstd_level=None, blo
 #: RAM, those steps grew with the scene (1.25 GB more at 16384² than at 4096²) and ran 3-4x
 #: slower; they go through the raster window by window, so a small cache loses nothing.
 GDAL_CACHE_MB = 64
-#: DEFLATE level 1 (libdeflate) + floating-point predictor: 3 % larger than level 6, half the time.
-COG_OPTIONS = dict(COMPRESS="DEFLATE", LEVEL=1, PREDICTOR="YES", BLOCKSIZE=512, OVERVIEWS="AUTO",
-                   RESAMPLING="AVERAGE", BIGTIFF="IF_SAFER", NUM_THREADS="ALL_CPUS")
 
 
 def work_paths(out: Path) -> tuple[Path, Path, Path]:
