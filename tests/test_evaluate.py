@@ -383,3 +383,43 @@ def test_sigma_calibration_in_holes_covers_the_refined_dem_there():
     assert ev.calibration[HOLES]["coverage_68"] == 1.0  # 0.5 m < 0.81 m, the Laplace 68 % of σ = 1
     assert ev.data.sigma is not None and ev.sigma_distribution == "laplace"
     assert evaluate_arrays(truth, {"refined": refined}, GRID_SMALL).calibration == {}
+
+
+def _write_bands(path, bands: dict[str, np.ndarray]):
+    """A multi-band raster whose bands are described as ``deepdem refine`` describes them."""
+    first = next(iter(bands.values()))
+    with rasterio.open(path, "w", driver="GTiff", height=first.shape[0], width=first.shape[1], count=len(bands),
+                       dtype="float32", crs="EPSG:32610", transform=from_origin(0, 10, 1, 1), nodata=-9999.0) as dst:
+        for i, (description, data) in enumerate(bands.items(), start=1):
+            dst.write(data.astype(np.float32), i)
+            dst.set_band_description(i, description)
+    return path
+
+
+def test_two_head_outputs_are_read_at_the_target_band(tmp_path):
+    t, r, s = _sigma_case(tmp_path)
+    with rasterio.open(r) as src:
+        dtm_errors = src.read(1)
+    with rasterio.open(s) as src:
+        dtm_sigma = src.read(1)
+    # DSM band: errors of 10 m everywhere, σ of 100 m; the DTM band is the hand case above.
+    both = _write_bands(tmp_path / "both.tif", {"refined DSM (m)": np.full((10, 10), 10.0),
+                                                "refined DTM (m)": dtm_errors})
+    sigma = _write_bands(tmp_path / "both_sigma.tif", {"sigma of the refined DSM (m)": np.full((10, 10), 100.0),
+                                                       "sigma of the refined DTM (m)": dtm_sigma})
+    dtm = evaluate(both, t, target="dtm", sigma=sigma, sigma_distribution="laplace")
+    assert dtm.metrics["refined"]["mae"] == pytest.approx(evaluate(r, t).metrics["refined"]["mae"])
+    assert dtm.calibration["all"]["count"] == 90
+    assert dtm.calibration["all"]["coverage_68"] == pytest.approx(30 / 90)
+    dsm = evaluate(both, t, target="dsm", sigma=sigma, sigma_distribution="laplace")
+    assert dsm.metrics["refined"]["mae"] == pytest.approx(10.0)
+    assert dsm.calibration["all"]["coverage_68"] == 1.0
+
+    unnamed = _write(tmp_path / "one.tif", np.zeros((10, 10)))
+    with rasterio.open(unnamed) as src:
+        profile = src.profile
+    profile.update(count=2)
+    with rasterio.open(tmp_path / "two.tif", "w", **profile) as dst:
+        dst.write(np.zeros((2, 10, 10), dtype=np.float32))
+    with pytest.raises(InputError, match="2 bands and none described as the DTM"):
+        evaluate(tmp_path / "two.tif", t, target="dtm")

@@ -138,6 +138,28 @@ def test_dsm_only_resdepth_and_two_heads_train(prepared_scene, tmp_path):
         assert column in logged
     assert list((tmp_path / "both" / "tensorboard").glob("events.out.tfevents.*"))
 
+    # refine describes each head's band, and evaluate reads the one its target names, σ alike
+    import importlib
+
+    import rasterio
+
+    from deepdem.evaluate import evaluate
+
+    refine = importlib.import_module("deepdem.refine")
+    out = refine.refine(both.checkpoint, prepared_scene, tmp_path / "both.tif", progress=False)
+    with rasterio.open(out) as dem, rasterio.open(refine.sigma_path(out)) as sigma:
+        assert dem.descriptions == ("refined DSM (m)", "refined DTM (m)")
+        assert sigma.descriptions == ("sigma of the refined DSM (m)", "sigma of the refined DTM (m)")
+        profile = dict(dem.profile, count=1, driver="GTiff")
+        for name, src in (("dtm_only.tif", dem), ("dtm_sigma.tif", sigma)):
+            with rasterio.open(tmp_path / name, "w", **profile) as dst:
+                dst.write(src.read(2), 1)
+                dst.update_tags(**src.tags())
+    two_band = evaluate(out, scene=prepared_scene, target="dtm", sigma=refine.sigma_path(out))
+    one_band = evaluate(tmp_path / "dtm_only.tif", scene=prepared_scene, target="dtm", sigma=tmp_path / "dtm_sigma.tif")
+    assert two_band.metrics["refined"]["mae"] == one_band.metrics["refined"]["mae"]
+    assert two_band.calibration["all"] == one_band.calibration["all"]
+
 
 def _cli(*args):
     import os

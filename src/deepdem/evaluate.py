@@ -497,15 +497,19 @@ def _coregister_all(truth, dems, grid, ndvi, height, holes):
 
 
 # -- files -----------------------------------------------------------------------------------
-def _read_on_grid(path: str | os.PathLike, grid: Grid | None) -> tuple[np.ndarray, Grid]:
-    """Read a DEM as float64 with NaN nodata, resampled bilinearly onto ``grid`` if given."""
+def _read_on_grid(path: str | os.PathLike, grid: Grid | None, target: str | None = None) -> tuple[np.ndarray, Grid]:
+    """Read a DEM as float64 with NaN nodata, resampled bilinearly onto ``grid`` if given.
+
+    With ``target``, a raster of several bands (a two-head refine's DSM and DTM, or their σ)
+    gives the band its description names for that target; otherwise band 1 is read.
+    """
     with warnings.catch_warnings():
         # A raster without georeferencing is fine on the DEM's own grid and refused below
         # otherwise; rasterio's warning would only break the one-line error.
         warnings.simplefilter("ignore", NotGeoreferencedWarning)
         src = open_raster(path)
     with src:
-        raw = src.read(1)
+        raw = src.read(_target_band(src, target, path) if target else 1)
         data = raw.astype(np.float64)
         data[~valid_mask(raw, src.nodata)] = np.nan
         own = Grid(src.crs, src.transform, src.height, src.width)
@@ -520,6 +524,18 @@ def _read_on_grid(path: str | os.PathLike, grid: Grid | None) -> tuple[np.ndarra
         if not np.isfinite(out).any():
             raise GridError("does not overlap the evaluated DEM", path)
         return out, grid
+
+
+def _target_band(src, target: str, path) -> int:
+    """The 1-based band of ``src`` holding ``target`` ('dsm' or 'dtm'): the only band, or the
+    one whose description names it (``deepdem refine`` describes each band of a two-head model)."""
+    if src.count == 1:
+        return 1
+    named = [i for i, text in enumerate(src.descriptions, start=1) if text and target.upper() in text.upper().split()]
+    if len(named) != 1:
+        raise InputError(f"has {src.count} bands and {'none' if not named else 'several'} described as the "
+                         f"{target.upper()} (band descriptions: {list(src.descriptions)})", path)
+    return named[0]
 
 
 def evaluate(
@@ -538,8 +554,9 @@ def evaluate(
     ``scene`` (a :class:`deepdem.scene.Scene` or its directory) supplies the orthoimages, NDVI,
     nodata mask and truth DTM for strata and figures, and defaults ``initial`` to its DSM and
     ``truth`` to its ``truth_<target>``. ``baselines`` (default: whenever there is an initial
-    DSM) adds the filters of :mod:`deepdem.baselines`. ``sigma``, a raster of the DEM's per-pixel
-    σ (band 1, read on the DEM's grid), adds :attr:`Evaluation.calibration`; ``sigma_distribution``
+    DSM) adds the filters of :mod:`deepdem.baselines`. A two-band ``dem`` (a two-head refine's DSM
+    and DTM) is read at the band its description names for ``target``. ``sigma``, a raster of the
+    DEM's per-pixel σ (read on the DEM's grid, at ``target``'s band the same way), adds :attr:`Evaluation.calibration`; ``sigma_distribution``
     defaults to the raster's own tag (:func:`deepdem.uncertainty.read_sigma_distribution`). The
     result is data: write it with :meth:`Evaluation.write_json` and
     :func:`deepdem.report.write_report`.
@@ -558,7 +575,7 @@ def evaluate(
     if initial is None and scene is not None:
         initial = scene.band_path("dsm")
 
-    dem_data, grid = _read_on_grid(dem, None)
+    dem_data, grid = _read_on_grid(dem, None, target)
     if not np.isfinite(dem_data).any():
         raise InputError("DEM has no valid pixel", dem)
     truth_data, _ = _read_on_grid(truth, grid)
@@ -567,7 +584,7 @@ def evaluate(
     # σ before the baselines: a bad σ file should fail fast
     sigma_data = None
     if sigma is not None:
-        sigma_data, sigma_distribution = _read_sigma(sigma, sigma_distribution, grid, dem_data, truth_data)
+        sigma_data, sigma_distribution = _read_sigma(sigma, sigma_distribution, grid, dem_data, truth_data, target)
     dems = {"refined": dem_data}
     descriptions = dict(DESCRIPTIONS)
     initial_data = None
@@ -618,7 +635,7 @@ def _scene_layers(scene, grid: Grid, truth: np.ndarray, target: str) -> dict:
     return layers
 
 
-def _read_sigma(path, distribution: str | None, grid: Grid, dem: np.ndarray, truth: np.ndarray):
+def _read_sigma(path, distribution: str | None, grid: Grid, dem: np.ndarray, truth: np.ndarray, target: str):
     """σ on the DEM's grid (NaN where ≤ 0 or no data) and the distribution it is read as (the
     file's tag unless given); refused, naming the file, when it has nothing to evaluate."""
     from .uncertainty import read_sigma_distribution
@@ -627,7 +644,7 @@ def _read_sigma(path, distribution: str | None, grid: Grid, dem: np.ndarray, tru
         distribution = read_sigma_distribution(path)
     elif distribution not in DISTRIBUTIONS:
         raise InputError(f"σ distribution must be one of {', '.join(DISTRIBUTIONS)}, got {distribution!r}", path)
-    data = _positive(_read_on_grid(path, grid)[0], grid.shape)
+    data = _positive(_read_on_grid(path, grid, target)[0], grid.shape)
     valid = np.isfinite(data)
     if not valid.any():
         raise InputError("σ raster has no valid pixel (finite and > 0)", path)

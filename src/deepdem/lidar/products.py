@@ -131,6 +131,7 @@ def grid_lidar(
     outliers
         Enables the relief-aware outlier filter (an extra pass over the points).
     """
+    # Long only by its 15 documented parameters: the body is its steps, named below.
     if ground not in GROUND_MODES:
         raise InputError(f"ground must be one of {GROUND_MODES}, got {ground!r}")
     smrf = smrf or SMRFParams()
@@ -138,7 +139,61 @@ def grid_lidar(
     if isinstance(crs, str):
         crs = parse_user_crs(crs)
     like_grid = Grid.like(like) if like is not None else None
+    sources = _open_inputs(inputs, crs)
+    out_crs = _resolve_crs(sources, crs, like_grid)
+    xy_m, z_m = output_units(out_crs)
+    grid = _output_grid(sources, out_crs, resolution, bounds, like_grid)
 
+    # The work grid is the output grid plus a halo of up to max_gap, so that the DTM's TIN
+    # interpolates across tile borders from the points beyond them.
+    gap = max_gap / xy_m
+    halo = int(min(math.ceil(gap / grid.res), 256))
+    points = _PointPasses(sources, out_crs, point_filter, grid.padded(halo), chunk_size, progress)
+    if outliers is not None:
+        points.outlier_filter = points.outlier_statistics(outliers, z_m)
+    location = sources[0].location if len(sources) == 1 else None
+    smrf_in_units = SMRFParams(cell=smrf.cell / xy_m, slope=smrf.slope * xy_m / z_m,
+                               window=smrf.window / xy_m, threshold=smrf.threshold / z_m,
+                               scalar=smrf.scalar * xy_m / z_m)
+
+    classifier = points.smrf_classifier(smrf_in_units, location) if ground == "filter" else None
+    binned = points.bin(classifier, ground_classes)
+    ground_source = "SMRF ground filter" if classifier is not None else f"classes {list(ground_classes)}"
+    if binned.n_read == 0:
+        raise InputError("no points fall inside the output grid", location)
+    if binned.cells.total == 0 and ground == "auto":
+        binned = points.bin(points.smrf_classifier(smrf_in_units, location), ground_classes)
+        ground_source = f"SMRF ground filter (no point of classes {list(ground_classes)})"
+    if binned.cells.total == 0:
+        raise InputError(f"no ground points ({ground_source}); try --ground filter", location)
+
+    core = (slice(halo, halo + grid.height), slice(halo, halo + grid.width))
+    dsm = binned.dsm.reshape(points.work.shape)
+    dsm = np.where(np.isfinite(dsm), dsm, np.nan)
+    if dsm_fill_gap > 0:
+        dsm = fill_small_gaps(dsm, points.work, dsm_fill_gap / xy_m)
+    dsm_core = dsm[core]
+    gx, gy, gz = binned.cells.points()
+    dtm_core = tin_interpolate(gx, gy, gz, grid, gap)
+    cell_area_m2 = (grid.res * xy_m) ** 2
+    density = binned.count.reshape(points.work.shape)[core] / cell_area_m2
+
+    products = LidarProducts(
+        grid=grid, dsm=dsm_core, dtm=dtm_core, density=density, chm=dsm_core - dtm_core if chm else None,
+        ground_source=ground_source, points_read=points.total, points_gridded=binned.n_read - binned.n_out,
+        ground_points=binned.cells.total, outliers_removed=binned.n_out,
+    )
+    if out_dir is not None:
+        write_products(products, out_dir, sources=sources, params=dict(
+            resolution=grid.res, max_gap_m=max_gap, dsm_fill_gap_m=dsm_fill_gap, ground=ground,
+            ground_classes=list(ground_classes), smrf=asdict(smrf),
+            outliers=asdict(outliers) if outliers else None,
+            point_filter=asdict(point_filter)))
+    return products
+
+
+def _open_inputs(inputs: Sequence, crs: pyproj.CRS | None) -> list[PointSource]:
+    """Grid LIDAR, step 1: the inputs as point sources, each with a CRS (``crs`` where a file has none)."""
     strings = [str(i) for i in inputs if not isinstance(i, PointSource)]
     sources = [i for i in inputs if isinstance(i, PointSource)]
     if strings:
@@ -152,41 +207,63 @@ def grid_lidar(
             from .crs import assumed_crs
 
             src.crs = assumed_crs(crs)
-    out_crs = _resolve_crs(sources, crs, like_grid)
-    xy_m, z_m = output_units(out_crs)
+    return sources
 
+
+def _output_grid(sources: Sequence[PointSource], out_crs: pyproj.CRS, resolution: float | None,
+                 bounds, like_grid: Grid | None) -> Grid:
+    """Grid LIDAR, step 2: the output grid: the ``like`` raster's, or ``bounds`` (default: the
+    inputs' union) at ``resolution``."""
     if like_grid is not None:
-        grid = like_grid
-        if resolution is not None and not math.isclose(resolution, grid.res, rel_tol=1e-9):
+        if resolution is not None and not math.isclose(resolution, like_grid.res, rel_tol=1e-9):
             raise InputError(f"--resolution {resolution} differs from the --like raster's "
-                             f"{grid.res}; give one of them")
-    else:
-        if resolution is None:
-            raise InputError("--resolution is required unless --like is given")
-        if bounds is None:
-            if any(s.kind != "las" for s in sources):
-                raise InputError("remote inputs need --bounds or --like (their extent is a "
-                                 "whole survey)")
-            from .crs import PointMapper
+                             f"{like_grid.res}; give one of them")
+        return like_grid
+    if resolution is None:
+        raise InputError("--resolution is required unless --like is given")
+    if bounds is None:
+        if any(s.kind != "las" for s in sources):
+            raise InputError("remote inputs need --bounds or --like (their extent is a "
+                             "whole survey)")
+        from .crs import PointMapper
 
-            boxes = [PointMapper(s.crs, out_crs).bounds(*s.bounds) for s in sources]
-            bounds = (min(b[0] for b in boxes), min(b[1] for b in boxes),
-                      max(b[2] for b in boxes), max(b[3] for b in boxes))
-        if len(bounds) != 4 or not (bounds[0] < bounds[2] and bounds[1] < bounds[3]):
-            raise InputError(f"--bounds must be xmin ymin xmax ymax, got {list(bounds)}")
-        grid = Grid.from_bounds(bounds, float(resolution), out_crs)
+        boxes = [PointMapper(s.crs, out_crs).bounds(*s.bounds) for s in sources]
+        bounds = (min(b[0] for b in boxes), min(b[1] for b in boxes),
+                  max(b[2] for b in boxes), max(b[3] for b in boxes))
+    if len(bounds) != 4 or not (bounds[0] < bounds[2] and bounds[1] < bounds[3]):
+        raise InputError(f"--bounds must be xmin ymin xmax ymax, got {list(bounds)}")
+    return Grid.from_bounds(bounds, float(resolution), out_crs)
 
-    gap = max_gap / xy_m
-    halo = int(min(math.ceil(gap / grid.res), 256))
-    work = grid.padded(halo)
-    total = sum(s.count for s in sources)
 
-    def passes(label: str):
-        bar = _Progress(total, progress, label)
+@dataclass
+class _Binned:
+    """What the gridding pass keeps per work-grid cell (flat arrays) and its point counts."""
+
+    dsm: np.ndarray
+    count: np.ndarray
+    cells: GroundCells
+    n_read: int
+    n_out: int
+
+
+class _PointPasses:
+    """Grid LIDAR, steps 3-5: passes over the points inside the work grid (the output grid and
+    its halo), each streamed in chunks with its own progress bar."""
+
+    def __init__(self, sources, out_crs, point_filter: PointFilter, work: Grid, chunk_size: int,
+                 progress: bool | None):
+        self.sources, self.out_crs, self.point_filter = sources, out_crs, point_filter
+        self.work, self.chunk_size, self.progress = work, chunk_size, progress
+        self.total = sum(s.count for s in sources)
+        self.outlier_filter: OutlierFilter | None = None
+
+    def passes(self, label: str):
+        """Every chunk of points inside the work grid, with each point's flat cell index."""
+        bar = _Progress(self.total, self.progress, label)
         try:
-            for pts in stream_points(sources, out_crs, point_filter, work.bounds, chunk_size,
-                                     bar):
-                idx, inside = work.cell_index(pts.x, pts.y)
+            for pts in stream_points(self.sources, self.out_crs, self.point_filter, self.work.bounds,
+                                     self.chunk_size, bar):
+                idx, inside = self.work.cell_index(pts.x, pts.y)
                 if not inside.all():
                     pts, idx = pts.subset(inside), idx[inside]
                 if len(pts):
@@ -194,94 +271,50 @@ def grid_lidar(
         finally:
             bar.close()
 
-    # Pass 1 (optional): per-cell extremes for the outlier filter.
-    outlier_filter = None
-    if outliers is not None:
-        stats = CellStats(work)
-        for pts, idx in passes("outlier stats"):
+    def outlier_statistics(self, params: OutlierParams, z_m: float) -> OutlierFilter:
+        """Step 3 (optional): the outlier filter, from every cell's highest and lowest point."""
+        stats = CellStats(self.work)
+        for pts, idx in self.passes("outlier stats"):
             stats.add(idx, pts.z)
-        outlier_filter = OutlierFilter(stats.max_grid(), stats.min_grid(), work, outliers, z_m)
-        del stats
+        return OutlierFilter(stats.max_grid(), stats.min_grid(), self.work, params, z_m)
 
-    def run_main(classifier: GroundClassifier | None):
-        dsm = np.full(work.size, -np.inf)
-        count = np.zeros(work.size, dtype=np.int64)
-        cells = GroundCells(work)
-        n_read = n_out = 0
-        lut = np.zeros(256, dtype=bool)
-        lut[list(ground_classes)] = True
-        for pts, idx in passes("gridding"):
-            n_read += len(pts)
-            if outlier_filter is not None:
-                keep = outlier_filter.keep(idx, pts.z)
-                n_out += int((~keep).sum())
-                pts, idx = pts.subset(keep), idx[keep]
-            count += np.bincount(idx, minlength=work.size)
-            f = pts.first
-            np.maximum.at(dsm, idx[f], pts.z[f])
-            g = classifier(pts.x, pts.y, pts.z) if classifier is not None else lut[pts.classification]
-            cells.add(idx[g], pts.x[g], pts.y[g], pts.z[g])
-        return dsm, count, cells, n_read, n_out
-
-    def build_classifier() -> GroundClassifier:
-        # SMRF on its own (coarser) grid, from the per-cell minimum of the kept points.
-        p = SMRFParams(cell=smrf.cell / xy_m, slope=smrf.slope * xy_m / z_m,
-                       window=smrf.window / xy_m, threshold=smrf.threshold / z_m,
-                       scalar=smrf.scalar * xy_m / z_m)
-        sgrid = Grid.from_bounds(work.bounds, p.cell, out_crs)
+    def smrf_classifier(self, params: SMRFParams, location) -> GroundClassifier:
+        """Step 4 (ground filter only): SMRF on its own, coarser grid, from the per-cell minimum
+        of the kept points; ``params`` are in the output CRS's units."""
+        sgrid = Grid.from_bounds(self.work.bounds, params.cell, self.out_crs)
         zmin = np.full(sgrid.size, np.inf)
-        for pts, idx in passes("ground filter"):
-            if outlier_filter is not None:
-                keep = outlier_filter.keep(idx, pts.z)
-                pts = pts.subset(keep)
+        for pts, idx in self.passes("ground filter"):
+            if self.outlier_filter is not None:
+                pts = pts.subset(self.outlier_filter.keep(idx, pts.z))
             sidx, inside = sgrid.cell_index(pts.x, pts.y)
             np.minimum.at(zmin, sidx[inside], pts.z[inside])
         zmin = zmin.reshape(sgrid.shape)
         zmin[~np.isfinite(zmin)] = np.nan
         if np.isfinite(zmin).sum() < 3:
-            raise InputError("too few points for the ground filter",
-                             sources[0].location if len(sources) == 1 else None)
-        return GroundClassifier(smrf_surface(zmin, sgrid, p), sgrid, p)
+            raise InputError("too few points for the ground filter", location)
+        return GroundClassifier(smrf_surface(zmin, sgrid, params), sgrid, params)
 
-    classifier = build_classifier() if ground == "filter" else None
-    dsm, count, cells, n_read, n_out = run_main(classifier)
-    ground_source = "SMRF ground filter" if classifier is not None else \
-        f"classes {list(ground_classes)}"
-    if n_read == 0:
-        raise InputError("no points fall inside the output grid",
-                         sources[0].location if len(sources) == 1 else None)
-    if cells.total == 0 and ground == "auto":
-        classifier = build_classifier()
-        dsm, count, cells, n_read, n_out = run_main(classifier)
-        ground_source = f"SMRF ground filter (no point of classes {list(ground_classes)})"
-    if cells.total == 0:
-        raise InputError(f"no ground points ({ground_source}); try --ground filter",
-                         sources[0].location if len(sources) == 1 else None)
-
-    core = (slice(halo, halo + grid.height), slice(halo, halo + grid.width))
-    dsm_g = dsm.reshape(work.shape)
-    dsm_g = np.where(np.isfinite(dsm_g), dsm_g, np.nan)
-    if dsm_fill_gap > 0:
-        dsm_g = fill_small_gaps(dsm_g, work, dsm_fill_gap / xy_m)
-    dsm_core = dsm_g[core]
-    gx, gy, gz = cells.points()
-    dtm_core = tin_interpolate(gx, gy, gz, grid, gap)
-    cell_area_m2 = (grid.res * xy_m) ** 2
-    density = count.reshape(work.shape)[core] / cell_area_m2
-    chm_core = dsm_core - dtm_core if chm else None
-
-    products = LidarProducts(
-        grid=grid, dsm=dsm_core, dtm=dtm_core, density=density, chm=chm_core,
-        ground_source=ground_source, points_read=total, points_gridded=n_read - n_out,
-        ground_points=cells.total, outliers_removed=n_out,
-    )
-    if out_dir is not None:
-        write_products(products, out_dir, sources=sources, params=dict(
-            resolution=grid.res, max_gap_m=max_gap, dsm_fill_gap_m=dsm_fill_gap, ground=ground,
-            ground_classes=list(ground_classes), smrf=asdict(smrf),
-            outliers=asdict(outliers) if outliers else None,
-            point_filter=asdict(point_filter)))
-    return products
+    def bin(self, classifier: GroundClassifier | None, ground_classes) -> _Binned:
+        """Step 5: the highest first return and the point count of every cell, and the ground
+        points (by ``classifier``, else by class) kept per cell for the TIN."""
+        dsm = np.full(self.work.size, -np.inf)
+        count = np.zeros(self.work.size, dtype=np.int64)
+        cells = GroundCells(self.work)
+        n_read = n_out = 0
+        lut = np.zeros(256, dtype=bool)
+        lut[list(ground_classes)] = True
+        for pts, idx in self.passes("gridding"):
+            n_read += len(pts)
+            if self.outlier_filter is not None:
+                keep = self.outlier_filter.keep(idx, pts.z)
+                n_out += int((~keep).sum())
+                pts, idx = pts.subset(keep), idx[keep]
+            count += np.bincount(idx, minlength=self.work.size)
+            f = pts.first
+            np.maximum.at(dsm, idx[f], pts.z[f])
+            g = classifier(pts.x, pts.y, pts.z) if classifier is not None else lut[pts.classification]
+            cells.add(idx[g], pts.x[g], pts.y[g], pts.z[g])
+        return _Binned(dsm, count, cells, n_read, n_out)
 
 
 def write_products(products: LidarProducts, out_dir: str | Path, sources=(), params=None) -> dict:
