@@ -220,7 +220,8 @@ def _clean(value):
     return value
 
 
-def _fmt(value: float, key: str) -> str:
+def format_metric(value: float, key: str) -> str:
+    """A metric as the text tables print it (percentages for shares, 3 decimals for metres)."""
     if value is None or not np.isfinite(value):
         return "—"
     if key == "count":
@@ -274,7 +275,7 @@ class Evaluation:
         lines = [f"{'metric':<{label_width}}" + "".join(f"{n:>{width}}" for n in names)]
         for key in rows:
             lines.append(f"{METRIC_LABELS[key]:<{label_width}}"
-                         + "".join(f"{_fmt(self.metrics[n][key], key):>{width}}" for n in names))
+                         + "".join(f"{format_metric(self.metrics[n][key], key):>{width}}" for n in names))
         if "initial" in self.metrics and "refined" in self.metrics and self.metrics["initial"]["mae"] > 0:
             ratio = self.metrics["refined"]["mae"] / self.metrics["initial"]["mae"]
             lines.append(f"refined / initial MAE: {ratio:.3f} on {self.pixels} pixels")
@@ -292,7 +293,7 @@ class Evaluation:
         lines = [f"{METRIC_LABELS[metric]} by stratum",
                  f"{'stratum':<{label_width}}{'pixels':>9}" + "".join(f"{n:>{width}}" for n in names)]
         for stratum, entry in self.strata.items():
-            cells = "".join(f"{_fmt(entry['metrics'].get(n, {}).get(metric, np.nan), metric):>{width}}"
+            cells = "".join(f"{format_metric(entry['metrics'].get(n, {}).get(metric, np.nan), metric):>{width}}"
                             for n in names)
             lines.append(f"{stratum:<{label_width}}{entry['pixels']:>9}" + cells)
         return "\n".join(lines)
@@ -312,7 +313,7 @@ class Evaluation:
                  f"{'stratum':<{label_width}}{head}"]
         for stratum, m in self.calibration.items():
             lines.append(f"{stratum:<{label_width}}{m['count']:>9}"
-                         + "".join(f"{_fmt_calibration(m[k], k):>11}" for k in CALIBRATION_LABELS))
+                         + "".join(f"{format_calibration(m[k], k):>11}" for k in CALIBRATION_LABELS))
         return "\n".join(lines)
 
     def to_json(self) -> dict:
@@ -331,7 +332,8 @@ CALIBRATION_LABELS = {**{f"coverage_{round(100 * lv)}": f"{round(100 * lv)} %" f
                       "sharpness": "σ med (m)", "spearman": "Spearman"}
 
 
-def _fmt_calibration(value: float, key: str) -> str:
+def format_calibration(value: float, key: str) -> str:
+    """A calibration metric as the text tables print it (coverages in percent)."""
     if value is None or not np.isfinite(value):
         return "—"
     return f"{100 * value:.1f}" if key.startswith("coverage_") else f"{value:.3f}"
@@ -408,7 +410,7 @@ def evaluate_arrays(
     calibration = {}
     if sigma is not None:
         sigma = _positive(sigma, truth.shape)
-        calibration = _calibration(errors[_evaluated(dems)], sigma, common, masks, slope, slope_bins,
+        calibration = _calibration(errors[sigma_owner(dems)], sigma, common, masks, slope, slope_bins,
                                    sigma_distribution)
     data = EvaluationData(grid=grid, truth=truth, dems=dems, common=common, strata=masks, slope=slope,
                           images=dict(images or {}), sigma=sigma)
@@ -420,7 +422,7 @@ def evaluate_arrays(
                       calibration=calibration, sigma_distribution=sigma_distribution if calibration else None)
 
 
-def _evaluated(dems: Mapping[str, np.ndarray]) -> str:
+def sigma_owner(dems: Mapping[str, np.ndarray]) -> str:
     """The DEM that σ belongs to: ``refined``, else the first one compared."""
     return "refined" if "refined" in dems else next(iter(dems))
 
@@ -436,7 +438,11 @@ def _positive(sigma: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 
 
 def _slope_masks(slope: np.ndarray, bins) -> dict[str, np.ndarray]:
-    """The slope bins as masks, closed on the left and the last on both sides (as nd_binning)."""
+    """The slope bins as masks, closed on the left and the last on both sides (as nd_binning).
+
+    The error metrics go through xdem's nd_binning, which bins one array's statistics; σ's
+    calibration is a statistic of two arrays (|error| against σ), so it needs the masks.
+    """
     masks = {}
     edges = list(zip(bins[:-1], bins[1:]))
     with np.errstate(invalid="ignore"):

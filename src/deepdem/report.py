@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .evaluate import (CALIBRATION_LABELS, METRIC_LABELS, PERCENT_KEYS, Evaluation, _evaluated, _fmt,
-                       _fmt_calibration)
+from .evaluate import (CALIBRATION_LABELS, METRIC_LABELS, PERCENT_KEYS, Evaluation, sigma_owner, format_metric,
+                       format_calibration)
 from .io import atomic_directory
 from .products import hillshade
 
@@ -277,7 +277,7 @@ def reliability_figure(out: str | os.PathLike, evaluation: Evaluation) -> Figure
 
     plt = _pyplot()
     data = evaluation.data
-    errors = data.errors[_evaluated(data.dems)]
+    errors = data.errors[sigma_owner(data.dems)]
     curves = {"all": data.common}
     curves.update({name: data.common & data.strata[name] for name in RELIABILITY_STRATA
                    if name in data.strata and evaluation.calibration.get(name, {}).get("count", 0)})
@@ -322,7 +322,7 @@ def _uncertainty_markdown(evaluation: Evaluation) -> list[str]:
     distribution = evaluation.sigma_distribution
     widths = ", ".join(f"±{interval_half_width(1.0, lv, distribution):.2f} σ" for lv in LEVELS)
     shape = "Laplace distribution (scale σ/√2)" if distribution == "laplace" else "Gaussian distribution"
-    rows = [[name, f"{m['count']:,}"] + [_fmt_calibration(m[k], k) for k in CALIBRATION_LABELS]
+    rows = [[name, f"{m['count']:,}"] + [format_calibration(m[k], k) for k in CALIBRATION_LABELS]
             for name, m in evaluation.calibration.items()]
     header = ["stratum", "pixels"] + [f"within {round(100 * lv)} % interval (%)" for lv in LEVELS] + [
         "sharpness: median σ (m)", "Spearman σ vs |error|"]
@@ -334,7 +334,7 @@ def _uncertainty_markdown(evaluation: Evaluation) -> list[str]:
            "", _md_table(header, rows), ""]
     data = evaluation.data
     if data is not None and data.sigma is not None:
-        errors = data.errors[_evaluated(data.dems)][data.common]
+        errors = data.errors[sigma_owner(data.dems)][data.common]
         try:
             t = fit_temperature(errors, data.sigma[data.common], distribution)
             out += [f"Multiplying σ by **{t:.3f}** would make its 68 % and 90 % intervals hold their share overall.", ""]
@@ -380,14 +380,14 @@ def report_markdown(evaluation: Evaluation, figures: list[FigureInfo], sources: 
                 "Each DEM was shifted onto the truth (xdem Nuth & Kääb + vertical shift, fitted on stable "
                 "ground: low NDVI, no water, no object, slope ≤ 40°) before the metrics below.", "",
                 _md_table(["DEM", "x (m)", "y (m)", "z (m)", "NMAD before (m)", "NMAD after (m)", "stable px"], rows), ""]
-    overall = [[METRIC_LABELS[k]] + [_fmt(evaluation.metrics[n][k], k) for n in names] for k in OVERALL_METRICS]
+    overall = [[METRIC_LABELS[k]] + [format_metric(evaluation.metrics[n][k], k) for n in names] for k in OVERALL_METRICS]
     out += ["## Overall", "", _md_table(["metric"] + [f"`{n}`" for n in names], overall), ""]
     if "initial" in evaluation.metrics and "refined" in evaluation.metrics and evaluation.metrics["initial"]["mae"] > 0:
         ratio = evaluation.metrics["refined"]["mae"] / evaluation.metrics["initial"]["mae"]
         out += [f"refined / initial MAE: **{ratio:.3f}**", ""]
     out += ["## By land cover and slope", ""]
     for metric in STRATA_METRICS:
-        rows = [[name, f"{entry['pixels']:,}"] + [_fmt(entry["metrics"].get(n, {}).get(metric, np.nan), metric) for n in names]
+        rows = [[name, f"{entry['pixels']:,}"] + [format_metric(entry["metrics"].get(n, {}).get(metric, np.nan), metric) for n in names]
                 for name, entry in evaluation.strata.items()]
         out += [f"### {METRIC_LABELS[metric]}", "",
                 _md_table(["stratum", "pixels"] + [f"`{n}`" for n in names], rows), ""]
@@ -433,7 +433,7 @@ def write_report(evaluation: Evaluation, out: str | os.PathLike, sources: dict |
         figures.append(strata_figure(tmp / "metrics_by_slope.png", evaluation, "slope"))
         if evaluation.calibration and data.sigma is not None:
             figures.append(reliability_figure(tmp / "reliability.png", evaluation))
-            figures.append(sigma_map_figure(tmp / "sigma_map.png", data.sigma, errors[_evaluated(data.dems)],
+            figures.append(sigma_map_figure(tmp / "sigma_map.png", data.sigma, errors[sigma_owner(data.dems)],
                                             truth_label=truth_label))
         (tmp / "metrics.json").write_text(json.dumps({**evaluation.to_json(), "sources": sources or {}}, indent=2))
         (tmp / "report.md").write_text(report_markdown(evaluation, figures, sources))
