@@ -94,6 +94,7 @@ def test_synth_from_a_lidar_truth_with_matched_errors(capsys, tmp_path):
     (["hillshade", "--dem", "d.tif", "--out", "h.tif", "--altitude", "95"], "--altitude"),
     (["lidar", "x.laz", "--out", "t", "--resolution", "0"], "--resolution"),
     (["demo", "--minutes", "0"], "--minutes"),
+    (["demo", "--epochs", "0"], "--epochs"),
 ])
 def test_out_of_range_flags_are_one_line_naming_the_flag(capsys, argv, flag):
     with pytest.raises(SystemExit) as exit_info:
