@@ -188,11 +188,15 @@ class DeepDEMRegressionTask(L.LightningModule):
         """Normalised residuals and calibrated σ (normalised units: × the scale factor gives
         metres; None without σ), float32. σ is the standard deviation of the predicted Laplace,
         √2·b, times the checkpoint's calibration factor."""
-        n = len(self.targets)
-        residual = raw[:, :n].float()
-        if not self.has_sigma:
+        residual, scale = self._heads(raw)
+        if scale is None:
             return residual, None
-        return residual, laplace_scale(raw[:, n:]) * (math.sqrt(2.0) * self.sigma_temperature)
+        return residual, scale * (math.sqrt(2.0) * self.sigma_temperature)
+
+    def _heads(self, raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Normalised residuals and the uncalibrated Laplace scale b (None without σ), float32."""
+        n = len(self.targets)
+        return raw[:, :n].float(), (laplace_scale(raw[:, n:]) if self.has_sigma else None)
 
     def predict(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Heights and σ in metres (B, n_targets, H, W) each; σ is None for a model without it
@@ -206,9 +210,7 @@ class DeepDEMRegressionTask(L.LightningModule):
         return self.predict(batch)[0]
 
     def _shared_step(self, batch, stage: str):
-        raw = self(batch["inputs"])
-        residual = raw[:, : len(self.targets)].float()
-        scale = laplace_scale(raw[:, len(self.targets):]) if self.has_sigma else None  # b, before calibration
+        residual, scale = self._heads(self(batch["inputs"]))  # b, before calibration
         prediction = residual * batch["scale"] + batch["base"]
         target, valid = batch["target"], batch["valid"]
         loss = sum(masked_l1(prediction[:, i : i + 1], target[:, i : i + 1], valid[:, i : i + 1])

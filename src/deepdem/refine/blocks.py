@@ -241,8 +241,6 @@ class BlockRefiner:
         return invalid | (uncertain & ~keep_initial)
 
 
-
-
 def loaded_blocks(refiner: BlockRefiner, blocks: Sequence[Block]):
     """Yield ``(block, loaded)``: each block read and normalised, ready for the model.
 
