@@ -358,6 +358,27 @@ def test_tta_keeps_a_zero_residual_exact_and_changes_a_random_model(prepared_sce
     assert np.abs(plain[mask] - tta[mask]).mean() > 1e-3
 
 
+def test_tta_sigma_is_that_of_the_mixture_of_the_eight_views():
+    """√(mean σ² + variance of the residuals): views that disagree widen σ."""
+    from types import SimpleNamespace
+
+    from deepdem.refine.blocks import BlockRefiner
+
+    residuals = [0.0, 1.0, 2.0, 3.0, 0.0, 1.0, 2.0, 3.0]  # view by view, uniform over the chip
+    sigmas = [1.0, 1.0, 2.0, 2.0, 1.0, 1.0, 2.0, 2.0]
+    views = iter(zip(residuals, sigmas))
+
+    def outputs(x):
+        residual, sigma = next(views)
+        return torch.cat([torch.full_like(x[:, :1], residual), torch.full_like(x[:, :1], sigma)], dim=1)
+
+    fake = SimpleNamespace(task=SimpleNamespace(targets=["dsm"]), _outputs=outputs)
+    mixed = BlockRefiner._symmetry_mixture(fake, torch.zeros(2, 3, 8, 8))
+    assert mixed.shape == (2, 2, 8, 8)
+    np.testing.assert_allclose(mixed[:, 0].numpy(), 1.5)
+    np.testing.assert_allclose(mixed[:, 1].numpy(), np.sqrt(2.5 + 1.25), rtol=1e-6)  # mean σ² 2.5, variance 1.25
+
+
 def test_two_dask_workers_give_the_single_process_bytes(multi_block_scene, tmp_path):
     distributed = pytest.importorskip("dask.distributed")
     task = random_task(seed=2, uncertainty="laplace")

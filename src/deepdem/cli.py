@@ -296,7 +296,7 @@ def _add_refine_parser(subparsers) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 …")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--overlap", type=fraction, default=0.25, help="chip overlap fraction (default 0.25)")
-    p.add_argument("--tta", action="store_true", help="average the 8 flips/rotations of each chip (8x compute)")
+    p.add_argument("--tta", action="store_true", help="average the 8 flips/rotations of each chip (8x compute); σ widens where they disagree")
     p.add_argument("--block-size", type=positive_int, default=2048, help="output block (px); bounds memory")
     p.add_argument("--resume", action="store_true", help="continue an interrupted refine of the same inputs")
     p.add_argument("--workers", type=non_negative_int, default=0, help="spread blocks over a local Dask cluster of N processes")

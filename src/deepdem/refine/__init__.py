@@ -80,7 +80,8 @@ def refine(
 
     ``block_size`` bounds memory (one block plus a chip-wide halo); ``overlap`` is the chips'
     overlap (0.25 by default; the blending hides chip edges at any overlap ≥ 1/8). ``tta``
-    averages the 8 flips/rotations of each chip (8× the compute). ``resume`` continues an
+    averages the 8 flips/rotations of each chip (8× the compute); σ is then that of the 8 views'
+    mixture, widened by their disagreement. ``resume`` continues an
     interrupted run with the same settings. ``workers`` > 0 starts a local Dask cluster of that
     many processes, ``scheduler`` connects to an existing one, ``client`` uses a Dask client.
     ``scale_source`` overrides the checkpoint's choice of DSM scale factor: 'checkpoint' (the

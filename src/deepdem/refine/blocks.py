@@ -69,23 +69,36 @@ class BlockRefiner:
             if not s.tta:
                 output = self._outputs(batch)
             else:
-                # The 8 symmetries of the square (4 rotations × optional flip), each undone on the
-                # output and averaged; training augments with the same group. σ is averaged too
-                # (the mean of the 8 σ, not the spread of the 8 heights).
-                output = None
-                for k in range(4):
-                    for flip in (False, True):
-                        x = torch.rot90(batch, k, dims=(2, 3))
-                        x = torch.flip(x, dims=(3,)) if flip else x
-                        y = self._outputs(x.contiguous(memory_format=torch.channels_last))
-                        y = torch.flip(y, dims=(3,)) if flip else y
-                        y = torch.rot90(y, -k, dims=(2, 3))
-                        output = y if output is None else output + y
-                output = output / 8.0
+                output = self._symmetry_mixture(batch)
         weights = getattr(self._scratch, "weights", None)
         if weights is None or weights.device != output.device:
             weights = self._scratch.weights = torch.from_numpy(self.window_weights * np.float32(s.scale)).to(output.device)
         return (output * weights).cpu().numpy()
+
+    def _symmetry_mixture(self, batch: torch.Tensor) -> torch.Tensor:
+        """The outputs averaged over the 8 symmetries of the square (4 rotations × optional
+        flip), each undone on the output; training augments with the same group.
+
+        σ is that of the equal mixture of the 8 predicted distributions (law of total variance):
+        √(mean of the 8 σ² + variance of the 8 residuals), so the views' disagreement widens it.
+        """
+        n = len(self.task.targets)
+        total = squares = None
+        for k in range(4):
+            for flip in (False, True):
+                x = torch.rot90(batch, k, dims=(2, 3))
+                x = torch.flip(x, dims=(3,)) if flip else x
+                y = self._outputs(x.contiguous(memory_format=torch.channels_last))
+                y = torch.flip(y, dims=(3,)) if flip else y
+                y = torch.rot90(y, -k, dims=(2, 3))
+                total = y if total is None else total + y
+                squares = y * y if squares is None else squares + y * y
+        mean = total / 8.0
+        if mean.shape[1] == n:
+            return mean
+        second_moment = squares / 8.0  # per channel: E[r²] for residuals, E[σ²] for σ
+        spread = (second_moment[:, :n] - mean[:, :n] ** 2).clamp_min(0.0)
+        return torch.cat([mean[:, :n], torch.sqrt(second_moment[:, n:] + spread)], dim=1)
 
     def _outputs(self, batch: torch.Tensor) -> torch.Tensor:
         """Normalised residuals, then σ in normalised units when the model has them (float32)."""
