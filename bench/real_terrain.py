@@ -23,6 +23,10 @@ chips of 128 px, batches of 16 and bf16 autocast on the CPU; each runs with seve
 the tables give the median and the range.
 
     python bench/real_terrain.py [--seeds 0 1 2] [--cpu-seconds 240] [--write]
+
+Then, on the checkpoints it saved: ``--recalibrate`` refits σ's calibration factors with the
+current training code, and ``--epistemic`` scores σ with the models' disagreement added (refine's
+``--tta``, the ensemble of the seeds).
 """
 
 from __future__ import annotations
@@ -364,6 +368,53 @@ def recalibrate(work: Path, seeds: list[int], results: dict) -> dict:
     return results
 
 
+EPISTEMIC = ("one model", "one model, --tta", "ensemble of the seeds", "ensemble of the seeds, --tta")
+
+
+def epistemic(work: Path, seeds: list[int]) -> dict:
+    """σ with the models' own disagreement added, on the saved deepdem checkpoints: refine's
+    ``--tta`` (σ of the 8 views' mixture) and the ensemble of the seeds' models (the mixture of
+    their refined DSMs: mean heights, σ² = mean of the σ² + variance of the heights, by the law of
+    total variance). Nothing is retrained; the calibration factors are the checkpoints' own.
+    """
+    scenes = build_scenes(work)
+    tests = {key: s for key, s in scenes.items() if SITES[key[0]][1] == "test"}
+    results: dict = {}
+    for key, scene in tests.items():
+        for tta in (False, True):
+            outputs = []
+            for seed in seeds:
+                refined = refine(work / f"run-{seed}-0" / "best.ckpt", scene, work / f"run-{seed}-0" / "epistemic.tif",
+                                 tta=tta, progress=False)
+                outputs.append((read_refined(refined), read_refined(sigma_path(refined))))
+            heights, sigmas = np.stack([h for h, _ in outputs]), np.stack([s for _, s in outputs])
+            ensemble = (heights.mean(axis=0), np.sqrt((sigmas ** 2).mean(axis=0) + heights.var(axis=0)))
+            for name, members in ((EPISTEMIC[tta], outputs), (EPISTEMIC[2 + tta], [ensemble])):
+                for dem, sigma in members:
+                    evaluation = score(scene, {name: dem, **initial_and_baselines(scene)}, sigma=sigma)
+                    metrics = evaluation.calibration["all"]
+                    results.setdefault(f"{key[0]}|{key[1]}", {}).setdefault(name, []).append(
+                        {k: metrics[k] for k in CALIBRATION_KEYS})
+        print(f"{key[0]} | {key[1]}: done", flush=True)
+    return results
+
+
+def epistemic_tables(results: dict, seeds: list[int]) -> list[str]:
+    rows = ["| site | errors | σ from | 68 % interval covers (%) | 90 % covers (%) | Spearman σ vs abs(error) | "
+            "median σ (m) | MAE (m) |", "|---|---|---|---:|---:|---:|---:|---:|"]
+    for key, per in results.items():
+        for name in EPISTEMIC:
+            values = per[name]
+            cells = [_cell([100.0 * v["coverage_68"] for v in values], 1), _cell([100.0 * v["coverage_90"] for v in values], 1),
+                     _cell([v["spearman"] for v in values], 2), _cell([v["sharpness"] for v in values], 2),
+                     _cell([v["mae"] for v in values], 3)]
+            rows.append(f"| {' | '.join(key.split('|'))} | {name} | " + " | ".join(cells) + " |")
+    rows += ["", f"The deepdem (defaults) checkpoints of the section above (seeds {', '.join(map(str, seeds))}), "
+             "refined again: one model (median over seeds, min–max), with `--tta`, and the ensemble of the seeds' "
+             "models (one value). All pixels of each held-out scene."]
+    return rows
+
+
 def default_work() -> Path:
     return Path(os.environ.get("TMPDIR", "/tmp")) / "deepdem-real-terrain"
 
@@ -376,7 +427,8 @@ def _cell(values: list[float], digits: int = 3) -> str:
         return ""
     if len(values) == 1:
         return f"{values[0]:.{digits}f}"
-    return f"{np.median(values):.{digits}f} ({min(values):.{max(digits - 1, 0)}f}–{max(values):.{max(digits - 1, 0)}f})"
+    # The range at the median's precision: one digit fewer once printed 0.35 (0.2–0.3).
+    return f"{np.median(values):.{digits}f} ({min(values):.{digits}f}–{max(values):.{digits}f})"
 
 
 def ablation_tables(results: dict, seeds: list[int], seconds: float) -> list[str]:
@@ -501,12 +553,26 @@ def main() -> None:
     parser.add_argument("--recalibrate", action="store_true",
                         help="refit σ's calibration factor of the last run's checkpoints with the current "
                         "training code and score σ again (the heights and MAEs do not change)")
+    parser.add_argument("--epistemic", action="store_true",
+                        help="score σ with the models' disagreement added (--tta, the seeds' ensemble) on the "
+                        "last run's checkpoints (a section of its own)")
     parser.add_argument("--write", action="store_true", help="update BENCHMARKS.md")
     args = parser.parse_args()
     if args.write and args.only:
         parser.error("--write needs every model: drop --only")
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
+    if args.epistemic:
+        results_file = work / "epistemic.json"
+        results = json.loads(results_file.read_text()) if args.tables_only else epistemic(work, args.seeds)
+        results_file.write_text(json.dumps(results, indent=1))
+        rows = epistemic_tables(results, args.seeds)
+        print("\n".join(rows))
+        if args.write:
+            update_benchmarks("Uncertainty σ with TTA and seed ensembles",
+                              f"python bench/real_terrain.py --seeds {' '.join(map(str, args.seeds))} --epistemic --write",
+                              rows)
+        return
     results_file = work / ("ablations.json" if args.ablations else "results.json")
     if args.tables_only:
         results = json.loads(results_file.read_text())
