@@ -162,7 +162,6 @@ def stac_server(tmp_path, monkeypatch):
     base = f"http://127.0.0.1:{server.server_address[1]}"
     data = tmp_path / "data"
     data.mkdir()
-    rows = lambda a, b: (slice(a, b), slice(None))  # noqa: E731
     l30 = _granule(data, f"{base}/data", "L30", datetime(2023, 7, 10), 499700.0, 500400.0, 0.0,
                    cloud=(slice(20, 26), slice(0, 12)),  # west-only area (x < 500060): cloudy, nothing else sees it
                    shadow=(slice(20, 26), slice(18, 23)),  # in the overlap: S30 fills it

@@ -86,7 +86,6 @@ def test_rasters_that_do_not_overlap_are_refused(synth_dir, tmp_path):
 
 # --- ASP prefix discovery, resampling by kind, GeoTIFF layout ---------------------------------
 
-import json
 import shutil
 
 import pyproj

@@ -163,7 +163,6 @@ def test_dsm_only_resdepth_and_two_heads_train(prepared_scene, tmp_path):
 
 def _cli(*args):
     import os
-    import subprocess
     import sys
 
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
