@@ -356,6 +356,9 @@ def test_tta_keeps_a_zero_residual_exact_and_changes_a_random_model(prepared_sce
     plain, _ = read(refine(random_task(), prepared_scene, tmp_path / "p.tif", progress=False))
     tta, _ = read(refine(random_task(), prepared_scene, tmp_path / "t.tif", tta=True, progress=False))
     assert np.abs(plain[mask] - tta[mask]).mean() > 1e-3
+    sigma_tta = refine(random_task(uncertainty="laplace"), prepared_scene, tmp_path / "s.tif", tta=True, progress=False)
+    sigma, _ = read(sigma_path(sigma_tta))
+    assert np.isfinite(sigma[mask]).all() and (sigma[mask] > 0).all()
 
 
 def test_tta_sigma_is_that_of_the_mixture_of_the_eight_views():
@@ -372,7 +375,7 @@ def test_tta_sigma_is_that_of_the_mixture_of_the_eight_views():
         residual, sigma = next(views)
         return torch.cat([torch.full_like(x[:, :1], residual), torch.full_like(x[:, :1], sigma)], dim=1)
 
-    fake = SimpleNamespace(task=SimpleNamespace(targets=["dsm"]), _outputs=outputs)
+    fake = SimpleNamespace(task=SimpleNamespace(targets=["dsm"], has_sigma=True), _outputs=outputs)
     mixed = BlockRefiner._symmetry_mixture(fake, torch.zeros(2, 3, 8, 8))
     assert mixed.shape == (2, 2, 8, 8)
     np.testing.assert_allclose(mixed[:, 0].numpy(), 1.5)

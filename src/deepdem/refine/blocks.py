@@ -92,9 +92,10 @@ class BlockRefiner:
                 y = torch.flip(y, dims=(3,)) if flip else y
                 y = torch.rot90(y, -k, dims=(2, 3))
                 total = y if total is None else total + y
-                squares = y * y if squares is None else squares + y * y
+                if self.task.has_sigma:
+                    squares = y * y if squares is None else squares + y * y
         mean = total / 8.0
-        if mean.shape[1] == n:
+        if squares is None:
             return mean
         second_moment = squares / 8.0  # per channel: E[r²] for residuals, E[σ²] for σ
         spread = (second_moment[:, :n] - mean[:, :n] ** 2).clamp_min(0.0)
