@@ -564,6 +564,10 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     if args.epistemic:
         results_file = work / "epistemic.json"
+        wanted = [results_file] if args.tables_only else [work / f"run-{seed}-0" / "best.ckpt" for seed in args.seeds]
+        missing = [str(path) for path in wanted if not path.exists()]
+        if missing:
+            parser.error(f"--epistemic needs an earlier run's results; missing: {', '.join(missing)}")
         results = json.loads(results_file.read_text()) if args.tables_only else epistemic(work, args.seeds)
         results_file.write_text(json.dumps(results, indent=1))
         rows = epistemic_tables(results, args.seeds)

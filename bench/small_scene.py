@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 from rasterio.windows import Window
 
+from deepdem.flags import positive
 from deepdem.grid import Grid
 from deepdem.scene import Scene, write_scene
 
@@ -52,6 +53,9 @@ def deepdem(*args: str) -> None:
 
 def run(work: Path, seeds: list[int], minutes: float) -> dict:
     scenes = build_scenes(work)
+    if not any(site == TRAINING_SITE for site, _ in scenes):
+        print(f"small_scene.py: error: the training site {TRAINING_SITE} is missing (set DEEPDEM_DATA)", file=sys.stderr)
+        raise SystemExit(2)
     results: dict = {"ratio": {}, "worse_strata": {}, "epochs": {}}
     for errors in ERRORS:
         training = crop_scene(scenes[(TRAINING_SITE, errors)], CROP, work / f"small-scene-{errors}")
@@ -98,7 +102,7 @@ def tables(results: dict, seeds: list[int], minutes: float) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--minutes", type=float, default=8.0, help="training's wall-clock limit (--max-minutes)")
+    parser.add_argument("--minutes", type=positive, default=8.0, help="training's wall-clock limit (--max-minutes)")
     parser.add_argument("--work", default=str(default_work()),
                         help="working folder, shared with bench/real_terrain.py (its scenes are reused)")
     parser.add_argument("--tables-only", action="store_true", help="print (and --write) the tables of the last run")
@@ -108,6 +112,8 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     results_file = work / "small-scene.json"
     if args.tables_only:
+        if not results_file.exists():
+            parser.error(f"--tables-only: no earlier run in {work} ({results_file.name} is missing)")
         results = json.loads(results_file.read_text())
     else:
         results = run(work, args.seeds, args.minutes)
