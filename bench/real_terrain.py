@@ -148,29 +148,32 @@ def model_inputs(scene: Scene) -> tuple[np.ndarray, np.ndarray]:
 
 # -- the plain UNet, written the way a user would ------------------------------------------------
 
-def plain_unet_train(scenes: list[Scene], seconds: float, seed: int, target: str = "truth_dsm"):
+def plain_unet_train(scenes: list[Scene], seconds: float, seed: int, target: str = "truth_dsm",
+                     chip: int = CHIP, clock=time.process_time):
+    """Adam 5e-4, batch 16 of random chips, L1 on valid pixels, until ``clock`` has run ``seconds``."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     data = [(*model_inputs(s), s.read(target)) for s in scenes]
-    scale = float(np.mean([s.scale_factor(CHIP) for s in scenes]))
+    scale = float(np.mean([s.scale_factor(chip) for s in scenes]))
     model = smp.Unet("resnet18", encoder_weights=None, in_channels=6, classes=1).to(memory_format=torch.channels_last)
     optimiser = torch.optim.Adam(model.parameters(), lr=5e-4)
-    start, steps = time.process_time(), 0
-    while time.process_time() - start < seconds:
+    start, steps = clock(), 0
+    while clock() - start < seconds:
         inputs, targets, bases = [], [], []
         for _ in range(16):
             x, valid, truth = data[rng.integers(len(data))]
-            r, c = rng.integers(0, x.shape[1] - CHIP + 1), rng.integers(0, x.shape[2] - CHIP + 1)
-            chip, ok, t = x[:, r : r + CHIP, c : c + CHIP].copy(), valid[r : r + CHIP, c : c + CHIP], truth[r : r + CHIP, c : c + CHIP]
-            mean = chip[0].mean()
-            base = chip[0].copy()
-            chip[0] = (chip[0] - mean) / scale
+            r, c = rng.integers(0, x.shape[1] - chip + 1), rng.integers(0, x.shape[2] - chip + 1)
+            window = np.s_[r : r + chip, c : c + chip]
+            sample, ok, t = x[(slice(None), *window)].copy(), valid[window], truth[window]
+            mean = sample[0].mean()
+            base = sample[0].copy()
+            sample[0] = (sample[0] - mean) / scale
             t = np.where(ok & np.isfinite(t), t, np.nan)
             if rng.random() < 0.5:
-                chip, base, t = chip[:, :, ::-1], base[:, ::-1], t[:, ::-1]
+                sample, base, t = sample[:, :, ::-1], base[:, ::-1], t[:, ::-1]
             if rng.random() < 0.5:
-                chip, base, t = chip[:, ::-1], base[::-1], t[::-1]
-            inputs.append(chip.copy()), bases.append(base.copy()), targets.append(t.copy())
+                sample, base, t = sample[:, ::-1], base[::-1], t[::-1]
+            inputs.append(sample.copy()), bases.append(base.copy()), targets.append(t.copy())
         x = torch.from_numpy(np.stack(inputs)).contiguous(memory_format=torch.channels_last)
         base, t = torch.from_numpy(np.stack(bases))[:, None], torch.from_numpy(np.stack(targets))[:, None]
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -184,24 +187,24 @@ def plain_unet_train(scenes: list[Scene], seconds: float, seed: int, target: str
     return model.eval(), scale, steps
 
 
-def plain_unet_predict(model, scale: float, scene: Scene) -> np.ndarray:
+def plain_unet_predict(model, scale: float, scene: Scene, chip: int = CHIP) -> np.ndarray:
     x, valid = model_inputs(scene)
     _, h, w = x.shape
-    window = np.outer(np.hanning(CHIP + 2)[1:-1], np.hanning(CHIP + 2)[1:-1]).astype(np.float32)
+    window = np.outer(np.hanning(chip + 2)[1:-1], np.hanning(chip + 2)[1:-1]).astype(np.float32)
     total, weight = np.zeros((h, w), np.float32), np.zeros((h, w), np.float32)
-    stride = CHIP // 2
-    rows = sorted({*range(0, max(h - CHIP, 0) + 1, stride), max(h - CHIP, 0)})
-    cols = sorted({*range(0, max(w - CHIP, 0) + 1, stride), max(w - CHIP, 0)})
+    stride = chip // 2
+    rows = sorted({*range(0, max(h - chip, 0) + 1, stride), max(h - chip, 0)})
+    cols = sorted({*range(0, max(w - chip, 0) + 1, stride), max(w - chip, 0)})
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
         for r in rows:
             for c in cols:
-                chip = x[:, r : r + CHIP, c : c + CHIP].copy()
-                mean = chip[0].mean()
-                base = chip[0].copy()
-                chip[0] = (chip[0] - mean) / scale
-                out = model(torch.from_numpy(chip)[None]).float()[0, 0].numpy() * scale + base
-                total[r : r + CHIP, c : c + CHIP] += out * window
-                weight[r : r + CHIP, c : c + CHIP] += window
+                sample = x[:, r : r + chip, c : c + chip].copy()
+                mean = sample[0].mean()
+                base = sample[0].copy()
+                sample[0] = (sample[0] - mean) / scale
+                out = model(torch.from_numpy(sample)[None]).float()[0, 0].numpy() * scale + base
+                total[r : r + chip, c : c + chip] += out * window
+                weight[r : r + chip, c : c + chip] += window
     return np.where(valid, total / np.maximum(weight, 1e-6), np.nan)
 
 
@@ -405,9 +408,9 @@ def epistemic_tables(results: dict, seeds: list[int]) -> list[str]:
     for key, per in results.items():
         for name in EPISTEMIC:
             values = per[name]
-            cells = [_cell([100.0 * v["coverage_68"] for v in values], 1), _cell([100.0 * v["coverage_90"] for v in values], 1),
-                     _cell([v["spearman"] for v in values], 2), _cell([v["sharpness"] for v in values], 2),
-                     _cell([v["mae"] for v in values], 3)]
+            cells = [range_cell([100.0 * v["coverage_68"] for v in values], 1), range_cell([100.0 * v["coverage_90"] for v in values], 1),
+                     range_cell([v["spearman"] for v in values], 2), range_cell([v["sharpness"] for v in values], 2),
+                     range_cell([v["mae"] for v in values], 3)]
             rows.append(f"| {' | '.join(key.split('|'))} | {name} | " + " | ".join(cells) + " |")
     rows += ["", f"The deepdem (defaults) checkpoints of the section above (seeds {', '.join(map(str, seeds))}), "
              "refined again: one model (median over seeds, min–max), with `--tta`, and the ensemble of the seeds' "
@@ -421,7 +424,7 @@ def default_work() -> Path:
 
 # -- tables -------------------------------------------------------------------------------------
 
-def _cell(values: list[float], digits: int = 3) -> str:
+def range_cell(values: list[float], digits: int = 3) -> str:
     values = [v for v in values if np.isfinite(v)]
     if not values:
         return ""
@@ -441,7 +444,7 @@ def ablation_tables(results: dict, seeds: list[int], seconds: float) -> list[str
         if DEEPDEM not in per:
             continue
         ours = float(np.median(per[DEEPDEM]))
-        rows.append(f"| {' | '.join(key.split('|'))} | {_cell(per[DEEPDEM])} | "
+        rows.append(f"| {' | '.join(key.split('|'))} | {range_cell(per[DEEPDEM])} | "
                     + " | ".join(f"{np.median(per[c]) / ours:.3f}" if c in per else "" for c in changes) + " |")
     rows += ["", f"Above 1: undoing that change makes the refined DSM worse. Seeds {', '.join(map(str, seeds))}; "
              f"{seconds:.0f} s of process CPU time per model; training and held-out scenes as in the section above."]
@@ -458,7 +461,7 @@ def tables(results: dict, seeds: list[int], seconds: float) -> list[str]:
             "| site | errors | " + " | ".join(methods) + " |", "|---|---|" + "---:|" * len(methods)]
     for key, per in dsm.items():
         site, errors = key.split("|")
-        rows.append(f"| {site} | {errors} | " + " | ".join(_cell(per.get(m, [])) for m in methods) + " |")
+        rows.append(f"| {site} | {errors} | " + " | ".join(range_cell(per.get(m, [])) for m in methods) + " |")
     rows += ["", "### DSM: ratios of the seed-median MAEs", "",
              "| site | errors | deepdem ÷ initial | plain UNet ÷ initial | deepdem ÷ plain UNet | deepdem ÷ best ResDepth | previous defaults ÷ initial | deepdem ÷ no σ head |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
@@ -490,8 +493,8 @@ def tables(results: dict, seeds: list[int], seconds: float) -> list[str]:
         for key, per in results["dtm"].items():
             site, errors, stratum = key.split("|")
             ours, smrf = np.median(per["deepdem --target dtm"]), np.median(per["smrf_ground"])
-            rows.append(f"| {site} | {errors} | {stratum} | {_cell(per['deepdem --target dtm'])} | "
-                        f"{_cell(per['smrf_ground'])} | {_cell(per['initial DSM'])} | {ours / smrf:.3f} |")
+            rows.append(f"| {site} | {errors} | {stratum} | {range_cell(per['deepdem --target dtm'])} | "
+                        f"{range_cell(per['smrf_ground'])} | {range_cell(per['initial DSM'])} | {ours / smrf:.3f} |")
     worse = [(k, np.median([a for a, _ in v]), np.median([b for _, b in v])) for k, v in results["strata"].items()]
     worse = sorted((w for w in worse if w[1] > w[2]), key=lambda w: w[2] / w[1])
     rows += ["", f"### Strata (≥ 1,000 px) where deepdem's seed-median MAE is above the initial DSM's: "
@@ -525,7 +528,7 @@ def calibration_tables(results: dict) -> list[str]:
             for metric in CALIBRATION_KEYS:
                 values = [float(s[metric]) for s in seeds if s[metric] is not None]
                 coverage = metric.startswith("coverage")
-                cells.append(_cell([100.0 * v for v in values], 1) if coverage else _cell(values, 2))
+                cells.append(range_cell([100.0 * v for v in values], 1) if coverage else range_cell(values, 2))
             rows.append(f"| {' | '.join(key.split('|'))} | " + " | ".join(cells) + " |")
         overall = {m: [float(np.median([s[m] for s in seeds])) for k, seeds in per_scene.items()
                        if k.endswith("|all")] for m in ("coverage_68", "coverage_90", "spearman")}

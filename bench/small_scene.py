@@ -11,7 +11,10 @@ statistical model; ``sgbm``: views matched by OpenCV's semi-global matcher) trai
 on its own. Training is limited by wall-clock minutes, as in the protocol: run it on a quiet
 machine.
 
-    python bench/small_scene.py [--seeds 0 1 2] [--minutes 8] [--write]
+Beside deepdem, the plain smp Unet-resnet18 of ``bench/real_terrain.py`` trains on the same crop
+for the same wall-clock minutes, the simplest alternative a user could write.
+
+    python bench/small_scene.py [--seeds 0 1 2] [--minutes 8] [--only deepdem plain] [--write]
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import argparse
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -31,11 +35,13 @@ from deepdem.scene import Scene, write_scene
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _report import update_benchmarks  # noqa: E402
-from real_terrain import ERRORS, SITES, build_scenes, default_work, read_refined, score  # noqa: E402
+from real_terrain import (ERRORS, SITES, build_scenes, default_work, plain_unet_predict,  # noqa: E402
+                          plain_unet_train, range_cell, read_refined, score)
 
 TRAINING_SITE = "Delft tile 1 (NL)"
 CROP = Window(col_off=100, row_off=100, width=200, height=200)  # 100 m at 0.5 m, away from the tile's edges
 CHIP = 64
+METHODS = ("deepdem", "plain")
 
 
 def crop_scene(scene: Scene, window: Window, out: Path) -> Scene:
@@ -51,51 +57,89 @@ def deepdem(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "deepdem", *args], check=True, stdout=subprocess.DEVNULL)
 
 
-def run(work: Path, seeds: list[int], minutes: float) -> dict:
+def deepdem_run(training: Scene, tests: dict[str, Scene], run_dir: Path, seed: int, minutes: float):
+    """deepdem through its CLI: train, then refine each unseen scene at the defaults."""
+    deepdem("train", "--scene", str(training.path), "--out", str(run_dir), "--chip-size", str(CHIP),
+            "--max-minutes", str(minutes), "--seed", str(seed), "--no-progress")
+    refined = {}
+    for site, scene in tests.items():
+        out = run_dir / f"refined-{list(SITES).index(site)}.tif"
+        deepdem("refine", "--checkpoint", str(run_dir / "best.ckpt"), "--scene", str(scene.path),
+                "--out", str(out), "--quiet")
+        refined[site] = read_refined(out)
+    return refined, json.loads((run_dir / "train.json").read_text())["epochs"]
+
+
+def plain_run(training: Scene, tests: dict[str, Scene], seed: int, minutes: float):
+    """The plain smp Unet-resnet18 of bench/real_terrain.py, for the same wall-clock minutes."""
+    model, scale, steps = plain_unet_train([training], minutes * 60, seed, chip=CHIP, clock=time.monotonic)
+    refined = {site: plain_unet_predict(model, scale, scene, chip=CHIP) for site, scene in tests.items()}
+    return refined, round(steps * 16 / 512, 1)
+
+
+def run(work: Path, seeds: list[int], minutes: float, methods: list[str], results: dict) -> dict:
     scenes = build_scenes(work)
     if not any(site == TRAINING_SITE for site, _ in scenes):
         print(f"small_scene.py: error: the training site {TRAINING_SITE} is missing (set DEEPDEM_DATA)", file=sys.stderr)
         raise SystemExit(2)
-    results: dict = {"ratio": {}, "worse_strata": {}, "epochs": {}}
+    for method in methods:
+        results[method] = {"ratio": {}, "worse_strata": {}, "epochs": {}, "seeds": seeds, "minutes": minutes}
     for errors in ERRORS:
         training = crop_scene(scenes[(TRAINING_SITE, errors)], CROP, work / f"small-scene-{errors}")
+        tests = {site: scene for (site, kind), scene in scenes.items() if kind == errors and SITES[site][1] == "test"}
         for seed in seeds:
-            run_dir = work / f"small-run-{errors}-{seed}"
-            deepdem("train", "--scene", str(training.path), "--out", str(run_dir), "--chip-size", str(CHIP),
-                    "--max-minutes", str(minutes), "--seed", str(seed), "--no-progress")
-            results["epochs"].setdefault(errors, []).append(json.loads((run_dir / "train.json").read_text())["epochs"])
-            for (site, kind), scene in scenes.items():
-                if kind != errors or SITES[site][1] != "test":
-                    continue
-                refined = run_dir / f"refined-{list(SITES).index(site)}.tif"
-                deepdem("refine", "--checkpoint", str(run_dir / "best.ckpt"), "--scene", str(scene.path),
-                        "--out", str(refined), "--quiet")
-                evaluation = score(scene, {"deepdem": read_refined(refined),
-                                           "initial DSM": scene.read("dsm").astype(np.float64)})
-                mae = {name: evaluation.metrics[name]["mae"] for name in ("deepdem", "initial DSM")}
-                worse = [stratum for stratum, entry in evaluation.strata.items()
-                         if entry.get("pixels", 0) >= 1000 and "metrics" in entry
-                         and entry["metrics"]["deepdem"]["mae"] > entry["metrics"]["initial DSM"]["mae"]]
-                key = f"{site}|{errors}"
-                results["ratio"].setdefault(key, []).append(mae["deepdem"] / mae["initial DSM"])
-                results["worse_strata"].setdefault(key, []).append(worse)
-            print(f"{errors} seed {seed}: " + ", ".join(
-                f"{k.split('|')[0]} {v[-1]:.3f}" for k, v in results["ratio"].items() if k.endswith(errors)), flush=True)
+            for method in methods:
+                if method == "deepdem":
+                    refined, epochs = deepdem_run(training, tests, work / f"small-run-{errors}-{seed}", seed, minutes)
+                else:
+                    refined, epochs = plain_run(training, tests, seed, minutes)
+                record(results[method], errors, tests, refined, epochs)
+                print(f"{method}, {errors} seed {seed}: " + ", ".join(
+                    f"{k.split('|')[0]} {v[-1]:.3f}" for k, v in results[method]["ratio"].items() if k.endswith(errors)),
+                    flush=True)
     return results
 
 
-def tables(results: dict, seeds: list[int], minutes: float) -> list[str]:
-    rows = ["| unseen site | errors | refined ÷ initial MAE, median (min–max) | strata (≥ 1,000 px) worse than the initial DSM, per seed |",
-            "|---|---|---:|---|"]
-    for key, ratios in results["ratio"].items():
+def record(results: dict, errors: str, tests: dict[str, Scene], refined: dict[str, np.ndarray], epochs: float) -> None:
+    """The MAE ratio refined ÷ initial of each unseen scene, and its strata worse than the input."""
+    results["epochs"].setdefault(errors, []).append(epochs)
+    for site, scene in tests.items():
+        evaluation = score(scene, {"refined": refined[site], "initial DSM": scene.read("dsm").astype(np.float64)})
+        worse = [stratum for stratum, entry in evaluation.strata.items()
+                 if entry.get("pixels", 0) >= 1000 and "metrics" in entry
+                 and entry["metrics"]["refined"]["mae"] > entry["metrics"]["initial DSM"]["mae"]]
+        key = f"{site}|{errors}"
+        results["ratio"].setdefault(key, []).append(evaluation.metrics["refined"]["mae"]
+                                                    / evaluation.metrics["initial DSM"]["mae"])
+        results["worse_strata"].setdefault(key, []).append(worse)
+
+
+def tables(results: dict) -> list[str]:
+    ours, plain = results["deepdem"], results.get("plain")
+    seeds, minutes = ours["seeds"], ours["minutes"]
+    rows = ["| unseen site | errors | deepdem ÷ initial MAE, median (min–max) | plain UNet ÷ initial | "
+            "deepdem ÷ plain UNet | strata (≥ 1,000 px) where deepdem is worse than the initial DSM, per seed | "
+            "plain UNet: number of such strata, per seed |",
+            "|---|---|---:|---:|---:|---|---|"]
+    for key, ratios in ours["ratio"].items():
         site, errors = key.split("|")
-        worse = "; ".join(", ".join(w) or "none" for w in results["worse_strata"][key])
-        rows.append(f"| {site} | {errors} | {np.median(ratios):.3f} ({min(ratios):.3f}–{max(ratios):.3f}) | {worse} |")
-    epochs = ", ".join(f"{errors} {np.median(e):.0f}" for errors, e in results["epochs"].items())
+        worse = "; ".join(", ".join(w) or "none" for w in ours["worse_strata"][key])
+        if plain and key in plain["ratio"]:
+            theirs = plain["ratio"][key]
+            against = f"{range_cell(theirs)} | {np.median(ratios) / np.median(theirs):.3f}"
+            plain_worse = "; ".join(str(len(w)) for w in plain["worse_strata"][key])
+        else:
+            against, plain_worse = "not run | –", "–"
+        rows.append(f"| {site} | {errors} | {range_cell(ratios)} | {against} | {worse} | {plain_worse} |")
+    epochs = "; ".join(f"{name} " + ", ".join(f"{errors} {np.median(e):.0f}" for errors, e in r["epochs"].items())
+                       for name, r in (("deepdem", ours), ("plain UNet", plain)) if r)
     rows += ["", f"Training: a 100 × 100 m crop of {TRAINING_SITE}, `deepdem train --chip-size {CHIP} "
-             f"--max-minutes {minutes:g}` (median epochs: {epochs}), seeds {', '.join(map(str, seeds))}; "
-             "`deepdem refine` at its defaults. The check asks for a ratio ≤ 0.60 on both unseen scenes "
-             "(the tile of the same city and the forest) and no scene above 1.0."]
+             f"--max-minutes {minutes:g}`, seeds {', '.join(map(str, seeds))}; `deepdem refine` at its defaults. "
+             f"The plain UNet is the one of the real-terrain benchmark (all bands, L1, random chips, no "
+             f"hold-out, the training scene's scale factor, 50 % overlap with a Hann window), trained on the "
+             f"same crop for the same {minutes:g} wall-clock minutes at chip {CHIP}. Median epochs of 512 chips: "
+             f"{epochs}. The check asks for a ratio ≤ 0.60 on both unseen scenes (the tile of the same city "
+             "and the forest) and no scene above 1.0."]
     return rows
 
 
@@ -105,25 +149,34 @@ def main() -> None:
     parser.add_argument("--minutes", type=positive, default=8.0, help="training's wall-clock limit (--max-minutes)")
     parser.add_argument("--work", default=str(default_work()),
                         help="working folder, shared with bench/real_terrain.py (its scenes are reused)")
+    parser.add_argument("--only", choices=METHODS, nargs="+", default=list(METHODS),
+                        help="run these methods only; the others keep the results of the last run")
     parser.add_argument("--tables-only", action="store_true", help="print (and --write) the tables of the last run")
     parser.add_argument("--write", action="store_true", help="update BENCHMARKS.md")
     args = parser.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     results_file = work / "small-scene.json"
+    earlier = json.loads(results_file.read_text()) if results_file.exists() else {}
+    if args.tables_only or "deepdem" not in args.only:
+        if "deepdem" not in earlier:
+            parser.error(f"{'--tables-only' if args.tables_only else '--only'}: no earlier deepdem run in {work} "
+                         f"({results_file.name} is missing or has none)")
+        if not args.tables_only and (earlier["deepdem"]["seeds"], earlier["deepdem"]["minutes"]) != (args.seeds, args.minutes):
+            parser.error(f"--only: the last deepdem run had seeds {earlier['deepdem']['seeds']} and "
+                         f"{earlier['deepdem']['minutes']:g} minutes; use the same to compare like with like")
     if args.tables_only:
-        if not results_file.exists():
-            parser.error(f"--tables-only: no earlier run in {work} ({results_file.name} is missing)")
-        results = json.loads(results_file.read_text())
+        results = earlier
     else:
-        results = run(work, args.seeds, args.minutes)
+        results = run(work, args.seeds, args.minutes, args.only, earlier)
         results_file.write_text(json.dumps(results, indent=1))
-    rows = tables(results, args.seeds, args.minutes)
+    rows = tables(results)
     print("\n".join(rows))
     if args.write:
+        seeds, minutes = results["deepdem"]["seeds"], results["deepdem"]["minutes"]
         update_benchmarks("Small-scene transfer check",
-                          f"python bench/small_scene.py --seeds {' '.join(map(str, args.seeds))} "
-                          f"--minutes {args.minutes:g} --write", rows)
+                          f"python bench/small_scene.py --seeds {' '.join(map(str, seeds))} "
+                          f"--minutes {minutes:g} --write", rows)
 
 
 if __name__ == "__main__":

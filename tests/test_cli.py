@@ -92,6 +92,8 @@ def test_synth_from_a_lidar_truth_with_matched_errors(capsys, tmp_path):
     (["train", "--scene", "s", "--lr", "-1"], "--lr"),
     (["train", "--scene", "s", "--target", "chm"], "--target"),
     (["hillshade", "--dem", "d.tif", "--out", "h.tif", "--altitude", "95"], "--altitude"),
+    (["calibrate", "--checkpoint", "m.ckpt", "--dem", "d.tif", "--reference", "r.tif", "--out", "o.ckpt",
+      "--method", "mean"], "--method"),
     (["lidar", "x.laz", "--out", "t", "--resolution", "0"], "--resolution"),
     (["demo", "--minutes", "0"], "--minutes"),
     (["demo", "--epochs", "0"], "--epochs"),

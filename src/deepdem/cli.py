@@ -192,6 +192,22 @@ def _evaluate(args) -> int:
     return 0
 
 
+def _calibrate(args) -> int:
+    from .calibrate import calibrate_to_reference
+
+    result = calibrate_to_reference(args.checkpoint, args.dem, args.reference, args.out, sigma=args.sigma,
+                                    target=args.target, method=args.method)
+    print(f"σ factor {result.factor:.3f} fitted on {result.pixels} reference pixels "
+          f"(checkpoint factor {result.temperature:.3f})")
+    print("| σ | 68 % interval covers | 90 % covers | 95 % covers | median σ (m) |")
+    print("|---|---:|---:|---:|---:|")
+    for name, metrics in (("before", result.before), ("after", result.after)):
+        print(f"| {name} | {100 * metrics['coverage_68']:.1f} % | {100 * metrics['coverage_90']:.1f} % | "
+              f"{100 * metrics['coverage_95']:.1f} % | {metrics['sharpness']:.3f} |")
+    print(f"wrote {result.checkpoint}")
+    return 0
+
+
 def _demo(args) -> int:
     from .demo import run_demo
 
@@ -352,6 +368,26 @@ def _add_evaluate_parser(subparsers) -> None:
     p.set_defaults(func=_evaluate)
 
 
+def _add_calibrate_parser(subparsers) -> None:
+    """Add the ``calibrate`` subcommand."""
+    p = subparsers.add_parser(
+        "calibrate", help="fit a checkpoint's sigma to a site, on a reference DEM over part of it",
+        description="Fit one factor that makes the checkpoint's sigma cover 68 and 90 % of the errors of a DEM it "
+                    "refined, against a reference (e.g. a LIDAR patch) where the reference has data, and write a "
+                    "copy of the checkpoint with sigma times that factor. Refine the rest of the site with the copy. "
+                    "Heights do not change. Use a refine run made without --tta.")
+    p.add_argument("--checkpoint", required=True, help="the checkpoint that refined --dem")
+    p.add_argument("--dem", required=True, help="its refined DEM (deepdem refine's output)")
+    p.add_argument("--reference", required=True, help="reference DEM over part of --dem (any grid, resampled onto it)")
+    p.add_argument("--out", required=True, help="the calibrated checkpoint to write (.ckpt or .safetensors)")
+    p.add_argument("--sigma", help="sigma raster of --dem (default: refine's <dem stem>_sigma.tif)")
+    p.add_argument("--target", choices=("dsm", "dtm"), default="dsm",
+                   help="which band of a two-head model's rasters to fit on (default dsm)")
+    p.add_argument("--method", choices=("coverage", "likelihood"), default="coverage",
+                   help="match the 68 and 90 %% intervals' coverage (default), or maximise the likelihood")
+    p.set_defaults(func=_calibrate)
+
+
 def _add_demo_parser(subparsers) -> None:
     """Add the ``demo`` subcommand."""
     p = subparsers.add_parser("demo", help="synth → prepare → train → refine → evaluate on generated scenes")
@@ -376,7 +412,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .lidar.cli import add_lidar_parser
 
     for add_parser in (_add_synth_parser, _add_prepare_parser, _add_ndvi_parser, _add_train_parser, _add_export_parser,
-                       _add_refine_parser, _add_hillshade_parser, _add_evaluate_parser, _add_demo_parser,
+                       _add_refine_parser, _add_calibrate_parser, _add_hillshade_parser, _add_evaluate_parser,
+                       _add_demo_parser,
                        add_lidar_parser):
         add_parser(sub)
     return parser

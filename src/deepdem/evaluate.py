@@ -503,7 +503,7 @@ def _coregister_all(truth, dems, grid, ndvi, height, holes):
 
 
 # -- files -----------------------------------------------------------------------------------
-def _read_on_grid(path: str | os.PathLike, grid: Grid | None, target: str | None = None) -> tuple[np.ndarray, Grid]:
+def read_on_grid(path: str | os.PathLike, grid: Grid | None, target: str | None = None) -> tuple[np.ndarray, Grid]:
     """Read a DEM as float64 with NaN nodata, resampled bilinearly onto ``grid`` if given.
 
     With ``target``, a raster of several bands (a two-head refine's DSM and DTM, or their σ)
@@ -581,10 +581,10 @@ def evaluate(
     if initial is None and scene is not None:
         initial = scene.band_path("dsm")
 
-    dem_data, grid = _read_on_grid(dem, None, target)
+    dem_data, grid = read_on_grid(dem, None, target)
     if not np.isfinite(dem_data).any():
         raise InputError("DEM has no valid pixel", dem)
-    truth_data, _ = _read_on_grid(truth, grid)
+    truth_data, _ = read_on_grid(truth, grid)
     if not np.isfinite(truth_data).any():
         raise InputError("truth has no valid pixel", truth)
     # σ before the baselines: a bad σ file should fail fast
@@ -595,7 +595,7 @@ def evaluate(
     descriptions = dict(DESCRIPTIONS)
     initial_data = None
     if initial is not None:
-        initial_data = _read_on_grid(initial, grid)[0]
+        initial_data = read_on_grid(initial, grid)[0]
         dems["initial"] = initial_data
         if baselines is None or baselines:
             from .baselines import BASELINE_DESCRIPTIONS, compute_baselines
@@ -627,7 +627,7 @@ def _scene_layers(scene, grid: Grid, truth: np.ndarray, target: str) -> dict:
     """The scene's layers on the DEM's grid, as keyword arguments of :func:`evaluate_arrays`:
     NDVI, object height (truth DSM − truth DTM), terrain for the slope, and the images."""
     def band(name):
-        return _read_on_grid(scene.band_path(name), grid)[0]
+        return read_on_grid(scene.band_path(name), grid)[0]
 
     layers: dict = {"ndvi": band("ndvi") if scene.has("ndvi") else None,
                     "images": {name: band(name) for name in ("ortho_left", "ortho_right", "nodata_mask")
@@ -650,7 +650,7 @@ def _read_sigma(path, distribution: str | None, grid: Grid, dem: np.ndarray, tru
         distribution = read_sigma_distribution(path)
     elif distribution not in DISTRIBUTIONS:
         raise InputError(f"σ distribution must be one of {', '.join(DISTRIBUTIONS)}, got {distribution!r}", path)
-    data = _positive(_read_on_grid(path, grid, target)[0], grid.shape)
+    data = _positive(read_on_grid(path, grid, target)[0], grid.shape)
     valid = np.isfinite(data)
     if not valid.any():
         raise InputError("σ raster has no valid pixel (finite and > 0)", path)
