@@ -413,8 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for add_parser in (_add_synth_parser, _add_prepare_parser, _add_ndvi_parser, _add_train_parser, _add_export_parser,
                        _add_refine_parser, _add_calibrate_parser, _add_hillshade_parser, _add_evaluate_parser,
-                       _add_demo_parser,
-                       add_lidar_parser):
+                       _add_demo_parser, add_lidar_parser):
         add_parser(sub)
     return parser
 

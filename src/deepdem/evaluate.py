@@ -528,7 +528,7 @@ def read_on_grid(path: str | os.PathLike, grid: Grid | None, target: str | None 
                   dst_transform=grid.transform, dst_crs=grid.crs, dst_nodata=np.nan,
                   resampling=Resampling.bilinear)
         if not np.isfinite(out).any():
-            raise GridError("does not overlap the evaluated DEM", path)
+            raise GridError("does not overlap the DEM it is compared with", path)
         return out, grid
 
 
