@@ -77,7 +77,7 @@ def test_refining_with_the_calibrated_copy_scales_sigma_and_keeps_the_heights(pr
     assert factor != pytest.approx(1.0, abs=0.05)  # an untrained σ is far from the scene's errors
 
 
-def test_too_small_a_reference_and_a_model_without_sigma_are_refused(tmp_path, capsys):
+def test_too_small_a_reference_a_model_without_sigma_and_a_tta_sigma_are_refused(tmp_path, capsys):
     dem = np.zeros((40, 40))
     reference = np.full_like(dem, np.nan)
     reference[:10, :10] = 0.5  # 100 pixels
@@ -91,6 +91,9 @@ def test_too_small_a_reference_and_a_model_without_sigma_are_refused(tmp_path, c
     with pytest.raises(CheckpointError, match="predicts no σ"):
         calibrate_to_reference(save_checkpoint(no_sigma, tmp_path / "plain.ckpt"), tmp_path / "r.tif",
                                tmp_path / "patch.tif", tmp_path / "out.ckpt")
+    write(tmp_path / "r_sigma.tif", np.ones_like(dem), **{SIGMA_TAG: "laplace", "DEEPDEM_SIGMA_TTA": "yes"})
+    with pytest.raises(InputError, match="r_sigma.tif: σ from refine --tta"):
+        calibrate_to_reference(checkpoint, tmp_path / "r.tif", tmp_path / "patch.tif", tmp_path / "out.ckpt")
     (tmp_path / "r_sigma.tif").unlink()
     assert main(["calibrate", "--checkpoint", str(checkpoint), "--dem", str(tmp_path / "r.tif"),
                  "--reference", str(tmp_path / "patch.tif"), "--out", str(tmp_path / "out.ckpt")]) == 2

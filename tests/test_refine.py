@@ -359,6 +359,11 @@ def test_tta_keeps_a_zero_residual_exact_and_changes_a_random_model(prepared_sce
     sigma_tta = refine(random_task(uncertainty="laplace"), prepared_scene, tmp_path / "s.tif", tta=True, progress=False)
     sigma, _ = read(sigma_path(sigma_tta))
     assert np.isfinite(sigma[mask]).all() and (sigma[mask] > 0).all()
+    with rasterio.open(sigma_path(sigma_tta)) as src:
+        assert "DEEPDEM_SIGMA_TTA" in src.tags()  # deepdem calibrate refuses it
+    with rasterio.open(sigma_path(refine(random_task(uncertainty="laplace"), prepared_scene, tmp_path / "s.tif",
+                                         progress=False))) as src:
+        assert "DEEPDEM_SIGMA_TTA" not in src.tags()
 
 
 def test_tta_sigma_is_that_of_the_mixture_of_the_eight_views():

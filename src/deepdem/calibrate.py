@@ -11,8 +11,8 @@ covers (:func:`deepdem.uncertainty.fit_temperature`) and writes a copy of the ch
 t times larger. Refining the rest of the site with that copy gives σ fitted to the site; the
 heights do not change.
 
-σ scales with the factor exactly, except the spread term that ``refine --tta`` adds: fit on a
-refine run made without ``--tta``.
+σ scales with the factor exactly, except the spread term that ``refine --tta`` adds: a σ raster
+tagged as coming from ``--tta`` is refused; fit on a refine run made without it.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import numpy as np
 
 from .errors import CheckpointError, InputError
 from .evaluate import read_on_grid
+from .io import open_raster
 from .uncertainty import TEMPERATURE_METHODS, calibration_metrics, fit_temperature, read_sigma_distribution
 
 #: Fewer reference pixels than this give a factor that says more about the patch than the site.
@@ -66,6 +67,7 @@ def calibrate_to_reference(
     """
     from .models import export_safetensors, load_checkpoint, save_checkpoint
     from .refine import sigma_path
+    from .refine.output import SIGMA_TTA_TAG
 
     if method not in TEMPERATURE_METHODS:
         raise ValueError(f"method must be one of {', '.join(TEMPERATURE_METHODS)}, got {method!r}")
@@ -73,6 +75,10 @@ def calibrate_to_reference(
     if not sigma.exists():
         raise InputError("σ raster not found (refine writes it beside the DEM for a model with σ; or give --sigma)",
                          sigma)
+    with open_raster(sigma) as src:
+        if SIGMA_TTA_TAG in src.tags():
+            raise InputError("σ from refine --tta, whose spread of the 8 views does not scale with the factor: "
+                             "refine without --tta to calibrate", sigma)
     task = load_checkpoint(checkpoint)
     if not task.has_sigma:
         raise CheckpointError("the model predicts no σ: there is nothing to calibrate", checkpoint)

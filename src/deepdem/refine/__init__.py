@@ -118,7 +118,8 @@ def refine(
         "scene": str(scene.path.resolve()), "grid": scene.grid.to_json(), "weights": digest,
         "settings": settings.fingerprint(), "device": device_for(settings.device).type,
     }
-    works, journal_path, journal = open_journal(out, scene, settings.targets, settings.sigma, fingerprint, resume)
+    works, journal_path, journal = open_journal(out, scene, settings.targets, settings.sigma, fingerprint, resume,
+                                                tta=settings.tta)
     todo = [b for b in blocks if b.index not in set(journal["done"])]
     if len(todo) < len(blocks):
         log.info("resuming %s: %d of %d blocks already done", out, len(blocks) - len(todo), len(blocks))

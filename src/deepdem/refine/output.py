@@ -32,6 +32,9 @@ JOURNAL_FORMAT = "deepdem-refine-journal-1"
 #: Tags of the σ raster: what its values are, read back by ``deepdem evaluate --sigma``.
 SIGMA_TAGS = {SIGMA_TAG: "laplace",
               "DEEPDEM_SIGMA": "standard deviation (m) of the predicted Laplace error of each pixel"}
+#: Tag of a σ raster written by ``refine --tta``: its spread term does not scale with the
+#: model's calibration factor, so ``deepdem calibrate`` refuses it.
+SIGMA_TTA_TAG = "DEEPDEM_SIGMA_TTA"
 
 #: Temporary (work) GeoTIFF: uncompressed, because it is read once into the COG and any
 #: compression there costs as much CPU as a fifth of the model (measured at 4096²). Its tiles are
@@ -108,9 +111,10 @@ def build_overviews(work: Path) -> None:
 
 
 def open_journal(out: Path, scene: Scene, targets: Sequence[str], sigma: bool, fingerprint: dict,
-                 resume: bool) -> tuple[list[Path], Path, dict]:
+                 resume: bool, tta: bool = False) -> tuple[list[Path], Path, dict]:
     """The work files and journal of ``out``: those of an interrupted run with the same
-    ``fingerprint`` when ``resume``, else new ones (heights, then σ when ``sigma``)."""
+    ``fingerprint`` when ``resume``, else new ones (heights, then σ when ``sigma``, tagged
+    :data:`SIGMA_TTA_TAG` when ``tta``)."""
     if not sigma and sigma_path(out).exists():
         # A σ left by an earlier model would pass for this DSM's.
         log.warning("removing %s: it belongs to an earlier refine (this model predicts no sigma)", sigma_path(out))
@@ -136,7 +140,7 @@ def open_journal(out: Path, scene: Scene, targets: Sequence[str], sigma: bool, f
                 for i, target in enumerate(targets, start=1):
                     dst.set_band_description(i, label.format(target.upper()))
                 if path == sigma_work:
-                    dst.update_tags(**SIGMA_TAGS)
+                    dst.update_tags(**SIGMA_TAGS, **({SIGMA_TTA_TAG: "spread of the 8 views included"} if tta else {}))
         write_journal(journal_path, journal)
     return works, journal_path, journal
 
