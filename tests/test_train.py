@@ -349,7 +349,7 @@ def test_relief_augmentation_stretches_and_tilts_dsm_and_truth_alike(prepared_sc
     arrays = SceneArrays(prepared_scene, bands, "dsm", 64)
     region, _ = spatial_split(prepared_scene.shape, 64, 0.0)
     plain = ChipDataset([arrays], [region], bands, 64, "train", samples=32, seed=3)
-    shaped = ChipDataset([arrays], [region], bands, 64, "train", samples=32, seed=3, relief_augmentation=True)
+    shaped = ChipDataset([arrays], [region], bands, 64, "train", samples=32, seed=3, relief_share=0.5)
     changed = 0
     for i in range(32):
         a, b = plain[i], shaped[i]
@@ -363,8 +363,27 @@ def test_relief_augmentation_stretches_and_tilts_dsm_and_truth_alike(prepared_sc
         assert np.allclose(a["base"], b["base"]) == (stretch == 1.0 and east == 0.0 and south == 0.0)
         changed += stretch != 1.0
     assert 8 <= changed <= 24  # about half the chips
-    validation = ChipDataset([arrays], [region], bands, 64, "val", relief_augmentation=True)
+    validation = ChipDataset([arrays], [region], bands, 64, "val", relief_share=0.5)
     assert not validation.relief_augmentation  # validation chips are never augmented
+
+
+def test_relief_share_sets_the_share_of_reshaped_chips_and_keeps_the_chips(prepared_scene):
+    bands = ["dsm", "ortho_left", "nodata_mask"]
+    arrays = SceneArrays(prepared_scene, bands, "dsm", 64)
+    region, _ = spatial_split(prepared_scene.shape, 64, 0.0)
+    counts = {}
+    for share in (0.0, 0.25, 0.5, 1.0):
+        dataset = ChipDataset([arrays], [region], bands, 64, "train", samples=2000, seed=3, relief_share=share)
+        table = dataset._epoch_draws().copy()
+        reshaped = np.array([dataset._relief(i)[0] != 1.0 for i in range(2000)])
+        counts[share] = int(reshaped.sum())
+        if share == 0.0:
+            first_table = table
+        assert np.array_equal(table, first_table)  # the share changes the relief, not which chips
+    assert counts[0.0] == 0 and counts[1.0] == 2000
+    assert 440 <= counts[0.25] <= 560 and 930 <= counts[0.5] <= 1070
+    with pytest.raises(ValueError, match="relief_share"):
+        ChipDataset([arrays], [region], bands, 64, "train", relief_share=1.5)
 
 
 def test_sigma_ranks_the_noisy_half_above_the_quiet_one(tmp_path):

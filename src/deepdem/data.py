@@ -373,7 +373,7 @@ class ChipDataset(Dataset):
     of the same pixels. Training chips get a random flip, 90° rotation and (``swap_images``) a
     swap of the two orthoimages; chip ``i`` of epoch ``e`` is the same in every process.
 
-    ``relief_augmentation`` gives half the training chips another relief: the DSM and the truth
+    ``relief_share`` gives that share of the training chips another relief: the DSM and the truth
     stretched about the chip mean by a factor of 0.7 to 3 and tilted by a plane of up to 40°
     (the same transform on both, so the correction to learn is stretched with the relief).
     Training sites are often flatter than the scenes a model is used on; without it, a model
@@ -390,11 +390,14 @@ class ChipDataset(Dataset):
         samples: int = 1024,
         seed: int = 0,
         swap_images: bool = True,
-        relief_augmentation: bool = False,
+        relief_share: float = 0.0,
     ):
         if mode not in ("train", "val"):
             raise ValueError(mode)
-        self.relief_augmentation = relief_augmentation and mode == "train"
+        if not 0.0 <= relief_share <= 1.0:
+            raise ValueError(f"relief_share must lie in [0, 1], got {relief_share}")
+        self.relief_share = relief_share if mode == "train" else 0.0
+        self.relief_augmentation = self.relief_share > 0
         # Pixel offsets from the chip centre, for the tilts of the relief augmentation.
         self._offsets = np.arange(chip_size, dtype=np.float32) - np.float32((chip_size - 1) / 2)
         self.scenes, self.regions, self.bands = list(scenes), list(regions), list(bands)
@@ -445,12 +448,12 @@ class ChipDataset(Dataset):
                 scene, row0 + (position[:, 0] * rows).astype(int), col0 + (position[:, 1] * cols).astype(int),
                 rng.integers(4, size=n), rng.integers(2, size=n), rng.integers(2, size=n),
             ], axis=1)
-            # Relief: stretch factor, and the tilt's east and south gradients (m per m); half the
-            # chips keep their own relief. Drawn after the table, so the chips stay the same.
+            # Relief: stretch factor, and the tilt's east and south gradients (m per m); chips
+            # outside the share keep their own relief. Drawn after the table, so the chips stay the same.
             stretch = np.exp(rng.uniform(np.log(0.7), np.log(3.0), size=n))
             slope = np.tan(np.radians(rng.uniform(0.0, 40.0, size=n)))
             azimuth = rng.uniform(0.0, 2 * np.pi, size=n)
-            keep = rng.random(n) < 0.5
+            keep = rng.random(n) < 1.0 - self.relief_share
             relief = np.stack([np.where(keep, 1.0, stretch), np.where(keep, 0.0, slope * np.cos(azimuth)),
                                np.where(keep, 0.0, slope * np.sin(azimuth))], axis=1).astype(np.float32)
             self._draws = (self.epoch, table, relief)

@@ -53,3 +53,4 @@ positive_int = number(int, 1)
 non_negative_int = number(int, 0)
 positive = number(float, 0, low_open=True)
 fraction = number(float, 0, 1, high_open=True)  # [0, 1): an overlap, a share held out
+share = number(float, 0, 1)  # [0, 1]: a share of chips

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 
 from .data import ChipDataset, SceneArrays, collate_chips, largest_fitting_chip, spatial_split
 from .errors import InputError
-from .flags import fraction, non_negative_int, number, positive, positive_int
+from .flags import fraction, non_negative_int, number, positive, positive_int, share
 from .models import DEFAULT_BANDS, SCALE_SOURCES, TARGETS, DeepDEMRegressionTask, load_checkpoint, save_checkpoint
 from .scene import Scene
 
@@ -60,7 +60,8 @@ class TrainConfig:
     init: str | None = field(default=None, metadata={"help": "checkpoint to fine-tune from (same bands, target and architecture); its scale factor is kept"})
     identity_init: bool = field(default=True, metadata={"help": "start from a network that returns the input DSM unchanged (zeroed output layer)"})
     fill_holes: bool = field(default=True, metadata={"help": "fill the DSM's holes by inverse-distance weighting before normalising"})
-    relief_augmentation: bool = field(default=True, metadata={"help": "stretch (0.7-3x) and tilt (up to 40 deg) the relief of half the training chips, DSM and truth alike"})
+    relief_augmentation: bool = field(default=True, metadata={"help": "stretch (0.7-3x) and tilt (up to 40 deg) the relief of a share of the training chips (--relief-share), DSM and truth alike"})
+    relief_share: float = field(default=0.5, metadata={"help": "share of the training chips whose relief is changed, with --relief-augmentation (0-1)"})
     uncertainty: bool = field(default=True, metadata={"help": "learn a per-pixel sigma beside each height (Laplace NLL, the mean still trained by L1) and calibrate it on the validation chips; refine then writes <out>_sigma.tif"})
     swap_images: bool = field(default=True, metadata={"help": "randomly swap the left and right images while training"})
     precision: str = field(default="auto", metadata={"help": "auto (bf16-mixed where supported), 32-true, bf16-mixed, 16-mixed"})
@@ -141,7 +142,8 @@ def _int_or_str(value: str):
 FLAG_TYPES = {
     "chip_size": number(int, 32), "batch_size": positive_int, "samples_per_epoch": positive_int,
     "max_epochs": positive_int, "max_minutes": positive, "lr": positive, "lr_patience": non_negative_int,
-    "early_stopping_patience": non_negative_int, "holdout_fraction": fraction, "num_nodes": positive_int,
+    "early_stopping_patience": non_negative_int, "holdout_fraction": fraction, "relief_share": share,
+    "num_nodes": positive_int,
     "num_workers": non_negative_int, "devices": _int_or_str,
 }
 FLAG_CHOICES = {
@@ -279,7 +281,7 @@ def _train(config: TrainConfig, extra_callbacks: list[Callback]) -> TrainResult:
     splits = [spatial_split(s.shape, chip_size, holdout) for s in opened]
     train_set = ChipDataset(arrays, [t for t, _ in splits], bands, chip_size, "train",
                             config.samples_per_epoch, config.seed, swap_images=config.swap_images,
-                            relief_augmentation=config.relief_augmentation)
+                            relief_share=config.relief_share if config.relief_augmentation else 0.0)
     if val_opened:
         val_set = ChipDataset([scene_arrays(s) for s in val_opened],
                               [spatial_split(s.shape, chip_size, 0.0)[1] for s in val_opened], bands, chip_size, "val")
@@ -367,6 +369,7 @@ def _model_kwargs(config: TrainConfig, bands: list[str], gsf: dict[str, float], 
         "dsm_holes": "idw" if config.fill_holes else "mean",
         "identity_init": config.identity_init,
         "relief_augmentation": config.relief_augmentation,
+        "relief_share": config.relief_share if config.relief_augmentation else 0.0,
         "uncertainty": "laplace" if config.uncertainty else None,
         "normalisation": f"dsm: holes {'filled by IDW, ' if config.fill_holes else ''}(dsm - chip mean) / "
         f"{'training' if config.scale_source == 'checkpoint' else 'scene'} scale factor, nodata -> 0; "
