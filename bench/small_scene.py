@@ -12,15 +12,20 @@ on its own. Training is limited by wall-clock minutes, as in the protocol: run i
 machine.
 
 Beside deepdem, the plain smp Unet-resnet18 of ``bench/real_terrain.py`` trains on the same crop
-for the same wall-clock minutes, the simplest alternative a user could write.
+for the same wall-clock minutes, the simplest alternative a user could write. ``--variant FLAGS``
+runs deepdem again with extra ``deepdem train`` flags (a default under test) and adds a table of
+it against the defaults, seed by seed.
 
     python bench/small_scene.py [--seeds 0 1 2] [--minutes 8] [--only deepdem plain] [--write]
+    python bench/small_scene.py --variant="--relief-share 0.25" --write
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
+import shlex
 import subprocess
 import sys
 import time
@@ -42,6 +47,7 @@ TRAINING_SITE = "Delft tile 1 (NL)"
 CROP = Window(col_off=100, row_off=100, width=200, height=200)  # 100 m at 0.5 m, away from the tile's edges
 CHIP = 64
 METHODS = ("deepdem", "plain")
+VARIANT = "deepdem "  # a variant's results are kept under "deepdem <its train flags>"
 
 
 def crop_scene(scene: Scene, window: Window, out: Path) -> Scene:
@@ -57,10 +63,11 @@ def deepdem(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "deepdem", *args], check=True, stdout=subprocess.DEVNULL)
 
 
-def deepdem_run(training: Scene, tests: dict[str, Scene], run_dir: Path, seed: int, minutes: float):
-    """deepdem through its CLI: train, then refine each unseen scene at the defaults."""
+def deepdem_run(training: Scene, tests: dict[str, Scene], run_dir: Path, seed: int, minutes: float,
+                train_flags: tuple[str, ...] = ()):
+    """deepdem through its CLI: train (with ``train_flags`` added), then refine each unseen scene at the defaults."""
     deepdem("train", "--scene", str(training.path), "--out", str(run_dir), "--chip-size", str(CHIP),
-            "--max-minutes", str(minutes), "--seed", str(seed), "--no-progress")
+            "--max-minutes", str(minutes), "--seed", str(seed), "--no-progress", *train_flags)
     refined = {}
     for site, scene in tests.items():
         out = run_dir / f"refined-{list(SITES).index(site)}.tif"
@@ -82,6 +89,9 @@ def run(work: Path, seeds: list[int], minutes: float, methods: list[str], result
     if not any(site == TRAINING_SITE for site, _ in scenes):
         print(f"small_scene.py: error: the training site {TRAINING_SITE} is missing (set DEEPDEM_DATA)", file=sys.stderr)
         raise SystemExit(2)
+    if "deepdem" in methods:  # variants are compared seed by seed with the defaults run they followed
+        for stale in [m for m in results if m.startswith(VARIANT)]:
+            del results[stale]
     for method in methods:
         results[method] = {"ratio": {}, "worse_strata": {}, "epochs": {}, "seeds": seeds, "minutes": minutes}
     for errors in ERRORS:
@@ -91,6 +101,10 @@ def run(work: Path, seeds: list[int], minutes: float, methods: list[str], result
             for method in methods:
                 if method == "deepdem":
                     refined, epochs = deepdem_run(training, tests, work / f"small-run-{errors}-{seed}", seed, minutes)
+                elif method.startswith(VARIANT):
+                    flags = method[len(VARIANT):]
+                    run_dir = work / f"small-run-{re.sub(r'[^A-Za-z0-9.]+', '_', flags).strip('_')}-{errors}-{seed}"
+                    refined, epochs = deepdem_run(training, tests, run_dir, seed, minutes, tuple(shlex.split(flags)))
                 else:
                     refined, epochs = plain_run(training, tests, seed, minutes)
                 record(results[method], errors, tests, refined, epochs)
@@ -140,6 +154,28 @@ def tables(results: dict) -> list[str]:
              f"same crop for the same {minutes:g} wall-clock minutes at chip {CHIP}. Median epochs of 512 chips: "
              f"{epochs}. The check asks for a ratio ≤ 0.60 on both unseen scenes (the tile of the same city "
              "and the forest) and no scene above 1.0."]
+    for method in sorted(m for m in results if m.startswith(VARIANT)):
+        rows += ["", *variant_table(method, results[method], ours)]
+    return rows
+
+
+def variant_table(method: str, variant: dict, ours: dict) -> list[str]:
+    """A deepdem variant against the defaults: medians, and the ratio seed by seed (same seed, same chips)."""
+    flags = method[len(VARIANT):]
+    rows = [f"deepdem with `{flags}` against the defaults (same seeds, minutes and crop):", "",
+            f"| unseen site | errors | `{flags}` ÷ initial MAE, median (min–max) | defaults ÷ initial | "
+            f"`{flags}` ÷ defaults, seed by seed | strata worse than the initial DSM, per seed |",
+            "|---|---|---:|---:|---|---|"]
+    better = total = 0
+    for key, ratios in variant["ratio"].items():
+        site, errors = key.split("|")
+        defaults = ours["ratio"][key]
+        paired = [f"{v / d:.3f}" for v, d in zip(ratios, defaults)]
+        better += sum(v < d for v, d in zip(ratios, defaults))
+        total += len(paired)
+        worse = "; ".join(str(len(w)) for w in variant["worse_strata"][key])
+        rows.append(f"| {site} | {errors} | {range_cell(ratios)} | {range_cell(defaults)} | {', '.join(paired)} | {worse} |")
+    rows += ["", f"`{flags}` has the lower MAE in {better} of {total} (scene, seed) pairs."]
     return rows
 
 
@@ -151,19 +187,27 @@ def main() -> None:
                         help="working folder, shared with bench/real_terrain.py (its scenes are reused)")
     parser.add_argument("--only", choices=METHODS, nargs="+", default=list(METHODS),
                         help="run these methods only; the others keep the results of the last run")
+    parser.add_argument("--variant", metavar="FLAGS",
+                        help="run only deepdem with these extra 'deepdem train' flags (quoted, e.g. "
+                        "--variant=\"--relief-share 0.25\") and compare it with the last defaults run")
     parser.add_argument("--tables-only", action="store_true", help="print (and --write) the tables of the last run")
     parser.add_argument("--write", action="store_true", help="update BENCHMARKS.md")
     args = parser.parse_args()
+    if args.variant is not None:
+        if not args.variant.strip():
+            parser.error("--variant: give the extra 'deepdem train' flags")
+        args.only = [VARIANT + " ".join(shlex.split(args.variant))]
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     results_file = work / "small-scene.json"
     earlier = json.loads(results_file.read_text()) if results_file.exists() else {}
     if args.tables_only or "deepdem" not in args.only:
+        flag = "--tables-only" if args.tables_only else "--variant" if args.variant else "--only"
         if "deepdem" not in earlier:
-            parser.error(f"{'--tables-only' if args.tables_only else '--only'}: no earlier deepdem run in {work} "
+            parser.error(f"{flag}: no earlier deepdem run in {work} "
                          f"({results_file.name} is missing or has none)")
         if not args.tables_only and (earlier["deepdem"]["seeds"], earlier["deepdem"]["minutes"]) != (args.seeds, args.minutes):
-            parser.error(f"--only: the last deepdem run had seeds {earlier['deepdem']['seeds']} and "
+            parser.error(f"{flag}: the last deepdem run had seeds {earlier['deepdem']['seeds']} and "
                          f"{earlier['deepdem']['minutes']:g} minutes; use the same to compare like with like")
     if args.tables_only:
         results = earlier
@@ -174,9 +218,10 @@ def main() -> None:
     print("\n".join(rows))
     if args.write:
         seeds, minutes = results["deepdem"]["seeds"], results["deepdem"]["minutes"]
-        update_benchmarks("Small-scene transfer check",
-                          f"python bench/small_scene.py --seeds {' '.join(map(str, seeds))} "
-                          f"--minutes {minutes:g} --write", rows)
+        command = f"python bench/small_scene.py --seeds {' '.join(map(str, seeds))} --minutes {minutes:g} --write"
+        for method in sorted(m for m in results if m.startswith(VARIANT)):
+            command += f"`, then `{command.replace(' --write', '')} --variant=\"{method[len(VARIANT):]}\" --write"
+        update_benchmarks("Small-scene transfer check", command, rows)
 
 
 if __name__ == "__main__":
