@@ -143,8 +143,7 @@ FLAG_TYPES = {
     "chip_size": number(int, 32), "batch_size": positive_int, "samples_per_epoch": positive_int,
     "max_epochs": positive_int, "max_minutes": positive, "lr": positive, "lr_patience": non_negative_int,
     "early_stopping_patience": non_negative_int, "holdout_fraction": fraction, "relief_share": share,
-    "num_nodes": positive_int,
-    "num_workers": non_negative_int, "devices": _int_or_str,
+    "num_nodes": positive_int, "num_workers": non_negative_int, "devices": _int_or_str,
 }
 FLAG_CHOICES = {
     "target": list(TARGETS), "precision": ["auto", "32-true", "bf16-mixed", "16-mixed", "64-true", "32", "16", "bf16"],
