@@ -60,7 +60,12 @@ def crop_scene(scene: Scene, window: Window, out: Path) -> Scene:
 
 
 def deepdem(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", "deepdem", *args], check=True, stdout=subprocess.DEVNULL)
+    """Run a deepdem command; its own one-line error has gone to stderr when it fails."""
+    done = subprocess.run([sys.executable, "-m", "deepdem", *args], stdout=subprocess.DEVNULL)
+    if done.returncode:
+        print(f"small_scene.py: error: 'deepdem {args[0]}' failed (exit {done.returncode}); no results written",
+              file=sys.stderr)
+        raise SystemExit(2)
 
 
 def deepdem_run(training: Scene, tests: dict[str, Scene], run_dir: Path, seed: int, minutes: float,
@@ -162,7 +167,8 @@ def tables(results: dict) -> list[str]:
 def variant_table(method: str, variant: dict, ours: dict) -> list[str]:
     """A deepdem variant against the defaults: medians, and the ratio seed by seed (same seed, same chips)."""
     flags = method[len(VARIANT):]
-    rows = [f"deepdem with `{flags}` against the defaults (same seeds, minutes and crop):", "",
+    rows = [f"deepdem with `{flags}` against the defaults of the table above (same seeds, minutes and crop; "
+            "trained after them, on the same quiet machine):", "",
             f"| unseen site | errors | `{flags}` ÷ initial MAE, median (min–max) | defaults ÷ initial | "
             f"`{flags}` ÷ defaults, seed by seed | strata worse than the initial DSM, per seed |",
             "|---|---|---:|---:|---|---|"]
