@@ -445,7 +445,7 @@ def ablation_tables(results: dict, seeds: list[int], seconds: float) -> list[str
 
     def cell(change: list[float], ours: list[float]) -> str:
         text = f"{np.median(change) / np.median(ours):.3f}"
-        if len(change) > 1:  # the same seed on both sides: the spread of the seeds' own ratios
+        if 1 < len(change) == len(ours):  # the same seeds on both sides: the spread of the seeds' own ratios
             by_seed = np.asarray(change) / np.asarray(ours)
             text += f" ({by_seed.min():.2f}–{by_seed.max():.2f})"
         return text
