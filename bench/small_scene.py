@@ -224,10 +224,10 @@ def main() -> None:
     print("\n".join(rows))
     if args.write:
         seeds, minutes = results["deepdem"]["seeds"], results["deepdem"]["minutes"]
-        command = f"python bench/small_scene.py --seeds {' '.join(map(str, seeds))} --minutes {minutes:g} --write"
-        for method in sorted(m for m in results if m.startswith(VARIANT)):
-            command += f"`, then `{command.replace(' --write', '')} --variant=\"{method[len(VARIANT):]}\" --write"
-        update_benchmarks("Small-scene transfer check", command, rows)
+        base = f"python bench/small_scene.py --seeds {' '.join(map(str, seeds))} --minutes {minutes:g}"
+        commands = [f"{base} --write"] + [f"{base} --variant=\"{method[len(VARIANT):]}\" --write"
+                                          for method in sorted(m for m in results if m.startswith(VARIANT))]
+        update_benchmarks("Small-scene transfer check", "`, then `".join(commands), rows)
 
 
 if __name__ == "__main__":
