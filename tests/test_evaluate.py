@@ -319,7 +319,7 @@ def test_cli_evaluate_sigma_prints_the_calibration(tmp_path, capsys):
     assert code == 0
     assert "calibration of σ (laplace)" in out
     row = next(line for line in out.splitlines() if line.startswith("all "))
-    assert row.split() == ["all", "90", "33.3", "66.7", "77.8", "1.414", "—"]
+    assert row.split() == ["all", "90", "33.3", "66.7", "77.8", "1.414", "—", "—"]  # a constant σ ranks nothing
     saved = json.loads((tmp_path / "m.json").read_text())
     assert saved["calibration"]["all"]["coverage_68"] == pytest.approx(1 / 3)
     code = main(["evaluate", "--dem", str(r), "--truth", str(t), "--sigma", str(s), "--sigma-distribution", "gaussian"])

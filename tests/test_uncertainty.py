@@ -7,7 +7,7 @@ import rasterio
 from rasterio.transform import from_origin
 
 from deepdem.errors import InputError
-from deepdem.uncertainty import (LEVELS, SIGMA_TAG, calibration_metrics, coverage, difference_sigma,
+from deepdem.uncertainty import (LEVELS, SIGMA_TAG, calibration_metrics, coverage, difference_sigma, spearman_if_exact,
                                  fit_temperature, interval_half_width, read_sigma_distribution,
                                  reliability_curve)
 
@@ -67,15 +67,35 @@ def test_spearman_is_one_for_proportional_sigma_and_near_zero_for_independent_si
     assert abs(calibration_metrics(errors, independent)["spearman"]) < 0.02
 
 
+def test_spearman_if_exact_is_what_errors_drawn_from_sigma_reach():
+    # σ spread over a factor of 8: errors really drawn from it reach the ceiling, up to sampling
+    sigma = np.random.default_rng(2).uniform(0.25, 2.0, 50_000)
+    for distribution in ("laplace", "gaussian"):
+        drawn = np.random.default_rng(3).laplace(0.0, sigma / math.sqrt(2)) if distribution == "laplace" \
+            else np.random.default_rng(3).normal(0.0, sigma)
+        m = calibration_metrics(drawn, sigma, distribution)
+        assert 0.3 < m["spearman_if_exact"] < 0.6  # a single draw scatters: far from 1
+        assert m["spearman"] == pytest.approx(m["spearman_if_exact"], abs=0.015)
+        assert spearman_if_exact(sigma, distribution) == m["spearman_if_exact"]  # a fixed seed
+    # the same σ beside errors it knows nothing about: a ceiling of its own, a Spearman of 0
+    shuffled = calibration_metrics(np.random.default_rng(4).permutation(drawn), sigma, "gaussian")
+    assert abs(shuffled["spearman"]) < 0.02 and shuffled["spearman_if_exact"] > 0.3
+    # a σ that varies less has a lower ceiling: ranking needs spread
+    narrow = np.random.default_rng(2).uniform(0.9, 1.1, 50_000)
+    assert spearman_if_exact(narrow) < 0.1 < spearman_if_exact(sigma)
+    # σ ≤ 0 and NaN are left out, as everywhere else
+    assert spearman_if_exact(np.r_[sigma, 0.0, np.nan, -1.0]) == pytest.approx(spearman_if_exact(sigma), abs=0.01)
+
+
 def test_empty_constant_and_invalid_inputs_give_nan_without_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         empty = calibration_metrics(np.array([np.nan, 1.0]), np.array([1.0, -1.0]))
         assert empty["count"] == 0
         assert all(np.isnan(empty[k]) for k in ("coverage_68", "coverage_90", "coverage_95", "sharpness",
-                                                "spearman", "mean_sigma", "mae"))
+                                                "spearman", "spearman_if_exact", "mean_sigma", "mae"))
         constant = calibration_metrics(np.array([0.5, -1.0, 2.0, 0.1]), np.full(4, 2.0))
-        assert constant["count"] == 4 and np.isnan(constant["spearman"])
+        assert constant["count"] == 4 and np.isnan(constant["spearman"]) and np.isnan(constant["spearman_if_exact"])
         assert constant["sharpness"] == 2.0 and constant["mae"] == pytest.approx(0.9)
         # e = 0.5 is inside the 68 % interval of σ = 2 (±1.61 m); 2.0 is not.
         assert constant["coverage_68"] == pytest.approx(3 / 4)

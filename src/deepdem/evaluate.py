@@ -304,12 +304,14 @@ class Evaluation:
 
     def calibration_table(self) -> str:
         """Calibration of σ per stratum: pixels, coverage of the central 68/90/95 % intervals
-        (%), sharpness (median σ, m) and the Spearman correlation of σ with |error|."""
+        (%), sharpness (median σ, m), the Spearman correlation of σ with |error| and its
+        ceiling for that σ (:func:`deepdem.uncertainty.spearman_if_exact`)."""
         if not self.calibration:
             return ""
         label_width = max(len(s) for s in self.calibration) + 2
         head = f"{'pixels':>9}" + "".join(f"{h:>11}" for h in CALIBRATION_LABELS.values())
-        lines = [f"calibration of σ ({self.sigma_distribution}): share of |error| within its central intervals",
+        lines = [f"calibration of σ ({self.sigma_distribution}): share of |error| within its central intervals; "
+                 "Spearman of σ with |error|, and the Spearman a σ exactly right would reach",
                  f"{'stratum':<{label_width}}{head}"]
         for stratum, m in self.calibration.items():
             lines.append(f"{stratum:<{label_width}}{m['count']:>9}"
@@ -329,7 +331,7 @@ class Evaluation:
 
 #: the columns of the calibration tables (text and report), after the pixel count
 CALIBRATION_LABELS = {**{f"coverage_{round(100 * lv)}": f"{round(100 * lv)} %" for lv in LEVELS},
-                      "sharpness": "σ med (m)", "spearman": "Spearman"}
+                      "sharpness": "σ med (m)", "spearman": "Spearman", "spearman_if_exact": "if exact"}
 
 
 def format_calibration(value: float, key: str) -> str:

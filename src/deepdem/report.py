@@ -325,12 +325,14 @@ def _uncertainty_markdown(evaluation: Evaluation) -> list[str]:
     rows = [[name, f"{m['count']:,}"] + [format_calibration(m[k], k) for k in CALIBRATION_LABELS]
             for name, m in evaluation.calibration.items()]
     header = ["stratum", "pixels"] + [f"within {round(100 * lv)} % interval (%)" for lv in LEVELS] + [
-        "sharpness: median σ (m)", "Spearman σ vs |error|"]
+        "sharpness: median σ (m)", "Spearman σ vs |error|", "Spearman if σ were exact"]
     out = ["## Uncertainty (σ)", "",
            f"σ is read as the standard deviation of a {shape} of the refined DEM's error, so its central "
            f"68, 90 and 95 % intervals are {widths}; a calibrated σ holds 68, 90 and 95 % of the errors "
            "(more: σ too large, less: too small). Sharpness is the median σ (smaller is better at equal "
-           "coverage); Spearman is the rank correlation of σ with |error| (1: σ orders the pixels by error).",
+           "coverage); Spearman is the rank correlation of σ with |error| (1: σ orders the pixels by error). "
+           "Its ceiling is not 1 but the Spearman a σ exactly right would reach, errors drawn from σ itself: "
+           "close to it, σ ranks the pixels as well as its spread allows.",
            "", _md_table(header, rows), ""]
     data = evaluation.data
     if data is not None and data.sigma is not None:

@@ -14,6 +14,9 @@ Both readings share one number, σ, so that rasters can be compared and propagat
   covers 68/90/95 %; more means σ is too large (pessimistic), less too small;
 * **sharpness** — the median σ: among calibrated σs, the smaller the more useful;
 * **Spearman** — the rank correlation of σ with |error|: does σ single out the bad pixels?
+  Read it beside **Spearman if exact** (:func:`spearman_if_exact`): even a σ that is exactly
+  right correlates with |error| only as far as its spread across pixels outweighs the scatter of
+  a single error drawn from it, so the ceiling of the first is the second, not 1.
 
 This module is the one place of that math; numpy and scipy only.
 """
@@ -92,13 +95,38 @@ def _spearman(a: np.ndarray, b: np.ndarray) -> float:
     return float(spearmanr(a, b)[0])
 
 
+def spearman_if_exact(sigma, distribution: str = "laplace", seed: int = 0) -> float:
+    """The Spearman correlation of σ with |error| that σ would reach if it were exactly right.
+
+    One error is drawn per pixel from a zero-mean ``distribution`` with standard deviation σ
+    (a fixed ``seed``, so the value is reproducible), and ranked against σ. A single draw
+    scatters around its σ (a Laplace error's |e| is exponential), so this is the ceiling of
+    ``spearman`` for this σ map: a measured Spearman close to it means σ ranks the pixels as
+    well as its spread allows, one far below it means σ misses where the errors are. Only σ's
+    spread sets it: a σ that varies little between pixels has a low ceiling even when calibrated.
+    NaN as for ``spearman``; pixels with σ ≤ 0 or not finite are left out.
+    """
+    s = np.asarray(sigma, dtype=np.float64).ravel()
+    with np.errstate(invalid="ignore"):
+        s = s[np.isfinite(s) & (s > 0)]
+    return _spearman(s, np.abs(_draw_errors(s, _check(distribution), seed)))
+
+
+def _draw_errors(sigma: np.ndarray, distribution: str, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)  # a local generator: numpy's global state stays the caller's
+    if distribution == "laplace":
+        return rng.laplace(0.0, sigma / math.sqrt(2))
+    return rng.normal(0.0, sigma)
+
+
 def calibration_metrics(errors, sigma, distribution: str = "laplace", levels=LEVELS) -> dict[str, float]:
     """How well σ describes the errors (DEM − truth), on pixels with a finite error and σ > 0.
 
     ``count``; ``coverage_68``, ``coverage_90``, ``coverage_95`` (one key per level, share 0–1
     of |e| within the central interval); ``sharpness`` (median σ, m); ``spearman`` (rank
-    correlation of σ with |e|; NaN below 3 pixels or for constant input); ``mean_sigma``;
-    ``mae``. All NaN (count 0) when empty; never warns.
+    correlation of σ with |e|; NaN below 3 pixels or for constant input); ``spearman_if_exact``
+    (its ceiling for this σ, :func:`spearman_if_exact`); ``mean_sigma``; ``mae``. All NaN
+    (count 0) when empty; never warns.
     """
     e, s = _pairs(errors, sigma)
     out: dict[str, float] = {"count": int(e.size)}
@@ -107,6 +135,7 @@ def calibration_metrics(errors, sigma, distribution: str = "laplace", levels=LEV
     empty = e.size == 0
     out["sharpness"] = float("nan") if empty else float(np.median(s))
     out["spearman"] = _spearman(s, np.abs(e))
+    out["spearman_if_exact"] = spearman_if_exact(s, distribution)
     out["mean_sigma"] = float("nan") if empty else float(np.mean(s))
     out["mae"] = float("nan") if empty else float(np.mean(np.abs(e)))
     return out
