@@ -16,7 +16,9 @@ the other sites and on a held-out tile of a training site:
   scale factor, holes at the chip mean, a 20 % hold-out, a randomly initialised output layer, no
   relief augmentation) to measure what the changes bought; with ``--ablations``, each change
   undone on its own, and candidate defaults beside them;
-* for the terrain under vegetation, deepdem ``--target dtm`` against the SMRF ground filter.
+* for the terrain under vegetation, deepdem ``--target dtm`` against the SMRF ground filter;
+* on a held-out scene of another pixel size than the training scenes' (Autzen, 1 m), deepdem as refine
+  does by default (at the training pixel size, the result averaged back) beside ``--scene-pixel-size``.
 
 Every model gets the same budget of process CPU seconds (robust to a busy machine), the same
 chips of 128 px, batches of 16 and bf16 autocast on the CPU; each runs with several seeds and
@@ -237,6 +239,38 @@ def record_calibration(results: dict, kind: str, key: tuple[str, str], evaluatio
                 {k: metrics[k] for k in CALIBRATION_KEYS})
 
 
+def record_pixel_size(results: dict, checkpoint: Path, scene: Scene, key: tuple[str, str], target: str,
+                      ours: float, out: Path) -> None:
+    """For a scene of another pixel size than the training scenes': the MAE of refine's default
+    (at the model's pixel size) beside the same model refined at the scene's own."""
+    from deepdem.models import load_checkpoint
+    from deepdem.refine.resampled import model_pixel_size
+
+    if model_pixel_size(load_checkpoint(checkpoint).model_kwargs, scene) is None:
+        return
+    own = read_refined(refine(checkpoint, scene, out, progress=False, at_model_pixel_size=False))
+    name = "own pixel size"
+    mae = score(scene, {name: own, **initial_and_baselines(scene, target)}, target).metrics[name]["mae"]
+    results.setdefault("pixel_size", {}).setdefault(f"{key[0]}|{key[1]}|{target}", []).append((ours, mae))
+
+
+def pixel_size_table(results: dict) -> list[str]:
+    per_scene = results.get("pixel_size") or {}
+    if not per_scene:
+        return []
+    rows = ["", "### Held-out scenes at another pixel size than the training scenes': refined at the model's "
+            "pixel size (the default) or at the scene's own", "",
+            "| site | errors | target | MAE (m), at the model's pixel size | MAE (m), at the scene's | ratio |",
+            "|---|---|---|---:|---:|---:|"]
+    for key, pairs in per_scene.items():
+        ours, own = [a for a, _ in pairs], [b for _, b in pairs]
+        rows.append(f"| {' | '.join(key.split('|'))} | {range_cell(ours)} | {range_cell(own)} | "
+                    f"{range_cell([a / b for a, b in pairs])} |")
+    rows += ["", "The same checkpoints, refined twice: `deepdem refine` (the scene resampled to the training scenes' "
+             "0.5 m, the result averaged back) and `deepdem refine --scene-pixel-size`. Ratio: seed by seed, median (min–max)."]
+    return rows
+
+
 def initial_and_baselines(scene: Scene, target: str = "dsm") -> dict[str, np.ndarray]:
     dsm = scene.read("dsm").astype(np.float64)
     out = {"initial DSM": dsm}
@@ -279,6 +313,9 @@ def run(work: Path, seeds: list[int], seconds: float, ablations: bool, only: lis
                 if name == DEEPDEM and sigma is not None:
                     record_calibration(results, "calibration", key, evaluation)
                 if name == DEEPDEM:
+                    record_pixel_size(results, result.checkpoint, scene, key, "dsm", evaluation.metrics[name]["mae"],
+                                      run_dir / "own-pixel-size.tif")
+                if name == DEEPDEM:
                     for stratum, entry in evaluation.strata.items():
                         if entry.get("pixels", 0) >= 1000 and "metrics" in entry:
                             m = entry["metrics"]
@@ -319,6 +356,8 @@ def train_dtm(train_scenes, tests, seconds, seed, results, work):
         evaluation = score(scene, dems, "dtm", sigma=sigma)
         if sigma is not None:
             record_calibration(results, "calibration_dtm", key, evaluation)
+        record_pixel_size(results, result.checkpoint, scene, key, "dtm", evaluation.metrics["deepdem --target dtm"]["mae"],
+                          run_dir / "own-pixel-size.tif")
         for stratum in ("tall vegetation", "bare", "all"):
             entry = evaluation.strata.get(stratum)
             if entry and entry["pixels"]:
@@ -497,6 +536,7 @@ def tables(results: dict, seeds: list[int], seconds: float) -> list[str]:
         rows += [f"Median over the held-out scenes of deepdem's MAE ÷ the same model without its σ head: "
                  f"**{np.median(sigma_costs):.3f}**."]
     rows += calibration_tables(results)
+    rows += pixel_size_table(results)
     if results["dtm"]:
         rows += ["", "### DTM under vegetation: MAE (m) against the LIDAR DTM, median over seeds (min–max)", "",
                  "| site | errors | stratum | deepdem --target dtm | SMRF ground filter | initial DSM | deepdem ÷ SMRF |",

@@ -45,6 +45,15 @@ def test_res_needs_north_up_square_pixels_but_resolution_does_not():
         grid.res
 
 
+def test_pixel_size_is_in_metres_whatever_the_crs_unit():
+    assert Grid(CRS.from_epsg(32610), from_origin(0, 100, 0.5, 0.5), 10, 10).pixel_size_m == 0.5
+    # EPSG:2903 (New Mexico) is in US survey feet: 3 ft = 0.9144 m
+    assert Grid(CRS.from_epsg(2903), from_origin(0, 100, 3.0, 3.0), 10, 10).pixel_size_m == pytest.approx(0.9144018)
+    assert Grid(CRS.from_epsg(32610), from_origin(0, 100, 1.0, 4.0), 10, 10).pixel_size_m == 2.0  # geometric mean
+    assert Grid(CRS.from_epsg(4326), from_origin(0, 1, 0.001, 0.001), 10, 10).pixel_size_m is None  # degrees
+    assert Grid(None, from_origin(0, 100, 1.0, 1.0), 10, 10).pixel_size_m is None
+
+
 def test_like_copies_a_rasters_grid_and_refuses_other_pixels(tmp_path):
     profile = dict(driver="GTiff", width=8, height=6, count=1, dtype="float32", crs="EPSG:32631")
     with rasterio.open(tmp_path / "a.tif", "w", transform=from_origin(100, 200, 2, 2), **profile) as dst:

@@ -10,10 +10,11 @@ from rasterio.transform import from_origin
 from rasterio.windows import Window
 
 from deepdem.data import grid_positions
+from deepdem.cli import main
 from deepdem.errors import CheckpointError
 from deepdem.models import DeepDEMRegressionTask, load_checkpoint, save_checkpoint
 from deepdem.refine import blend_window, refine, sigma_path
-from deepdem.scene import FLOAT_NODATA, Grid, write_scene
+from deepdem.scene import FLOAT_NODATA, Grid, resample_scene, write_scene
 
 BANDS = ["dsm", "ortho_left", "ortho_right", "triangulation_error", "ndvi", "nodata_mask"]
 
@@ -113,7 +114,7 @@ def random_task(seed=0, chip_size=64, **extra):
     return DeepDEMRegressionTask(kwargs).eval()
 
 
-def smooth_scene(path, height, width, seed=0, holes=True):
+def smooth_scene(path, height, width, seed=0, holes=True, pixel=0.5):
     """A cheap multi-block scene: smooth relief plus noise, and a few nodata holes."""
     rng = np.random.default_rng(seed)
     rows, cols = np.mgrid[0:height, 0:width].astype(np.float32)
@@ -128,7 +129,7 @@ def smooth_scene(path, height, width, seed=0, holes=True):
     if holes:
         bands["dsm"][40:70, 300:340] = np.nan
         bands["ndvi"][500:520, 10:30] = np.nan
-    grid = Grid(CRS.from_epsg(32610), from_origin(500000, 5200000, 0.5, 0.5), height, width)
+    grid = Grid(CRS.from_epsg(32610), from_origin(500000, 5200000, pixel, pixel), height, width)
     return write_scene(path, grid, bands, n_chips=500)
 
 
@@ -402,8 +403,6 @@ def test_two_dask_workers_give_the_single_process_bytes(multi_block_scene, tmp_p
 
 
 def test_refine_command_writes_the_cog_and_its_hillshade(prepared_scene, tmp_path):
-    from deepdem.cli import main
-
     checkpoint = save_checkpoint(zero_residual_task(), tmp_path / "zero.ckpt")
     out = tmp_path / "cli.tif"
     assert main(["refine", "--checkpoint", str(checkpoint), "--scene", str(prepared_scene.path), "--out", str(out),
@@ -465,3 +464,41 @@ def test_max_sigma_keeps_the_initial_dsm_or_writes_nodata(multi_block_scene, tmp
     assert (read(dropped)[0][above] == FLOAT_NODATA).all()
     with pytest.raises(CheckpointError, match="sigma"):
         refine(random_task(), multi_block_scene, tmp_path / "x.tif", progress=False, max_sigma=1.0)
+
+
+def test_a_scene_at_twice_the_model_pixel_size_is_refined_at_the_model_s(tmp_path):
+    scene = smooth_scene(tmp_path / "scene", 150, 130, seed=2, pixel=1.0)  # 1 m pixels
+    task = random_task(seed=5, uncertainty="laplace", pixel_size_m=0.5)  # trained at 0.5 m
+    out = refine(task, scene, tmp_path / "r.tif", bf16=False, progress=False)
+    heights, profile = read(out)
+    sigma, sigma_profile = read(sigma_path(out))
+    assert heights.shape == scene.shape and profile["transform"] == scene.transform and profile["crs"] == scene.crs
+    assert sigma_profile["transform"] == scene.transform
+    with rasterio.open(sigma_path(out)) as src:
+        assert src.tags()["DEEPDEM_SIGMA_DISTRIBUTION"] == "laplace"
+    assert not any(p.name.startswith(".r.tif") for p in tmp_path.iterdir())  # the work folder is gone
+    mask = scene.read("nodata_mask") > 0
+    assert (heights[~mask] == FLOAT_NODATA).all() and (sigma[~mask] == FLOAT_NODATA).all()
+
+    # the same as resampling to 0.5 m, refining there and averaging each 2 x 2 back
+    fine = resample_scene(scene, 0.5, tmp_path / "fine")
+    at_half = refine(task, fine, tmp_path / "half.tif", bf16=False, progress=False)
+    for ours, theirs in ((heights, read(at_half)[0]), (sigma, read(sigma_path(at_half))[0])):
+        blocks = np.where(theirs == FLOAT_NODATA, np.nan, theirs).reshape(150, 2, 130, 2)
+        counts = np.isfinite(blocks).sum(axis=(1, 3))
+        back = np.nansum(blocks, axis=(1, 3)) / np.maximum(counts, 1)
+        np.testing.assert_allclose(ours[mask], back[mask], rtol=1e-5, atol=1e-4)
+
+    # at the scene's own pixel size on request, and always for a model without a pixel size
+    own = read(refine(task, scene, tmp_path / "own.tif", bf16=False, progress=False, at_model_pixel_size=False))[0]
+    assert np.abs(own[mask] - heights[mask]).mean() > 1e-3
+    checkpoint = save_checkpoint(task, tmp_path / "half.ckpt")
+    assert main(["refine", "--checkpoint", str(checkpoint), "--scene", str(scene.path), "--out", str(tmp_path / "cli.tif"),
+                 "--scene-pixel-size", "--quiet"]) == 0
+    own_bf16 = refine(task, scene, tmp_path / "own16.tif", progress=False, at_model_pixel_size=False)  # as the command
+    np.testing.assert_array_equal(read(tmp_path / "cli.tif")[0], read(own_bf16)[0])
+    task.model_kwargs.pop("pixel_size_m")
+    np.testing.assert_array_equal(read(refine(task, scene, tmp_path / "old.tif", bf16=False, progress=False))[0], own)
+    # within 20 % of the model's pixel size the scene is refined as it is
+    task.model_kwargs["pixel_size_m"] = 0.9
+    np.testing.assert_array_equal(read(refine(task, scene, tmp_path / "near.tif", bf16=False, progress=False))[0], own)

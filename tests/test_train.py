@@ -125,7 +125,9 @@ def test_config_yaml_round_trip_and_unknown_keys(tmp_path):
 def test_dsm_only_resdepth_and_two_heads_train(prepared_scene, tmp_path):
     result = train([prepared_scene], tmp_path / "resdepth", arch="ResDepth", bands=["dsm"], chip_size=64,
                    batch_size=4, max_epochs=1, samples_per_epoch=4, progress=False)
-    assert load_checkpoint(result.checkpoint).model_kwargs["bands"] == ["dsm"]
+    kwargs = load_checkpoint(result.checkpoint).model_kwargs
+    assert kwargs["bands"] == ["dsm"]
+    assert kwargs["pixel_size_m"] == pytest.approx(prepared_scene.grid.pixel_size_m)  # refine resamples to it
     both = train([prepared_scene], tmp_path / "both", target="both", chip_size=64, batch_size=4,
                  max_epochs=1, samples_per_epoch=4, progress=False)
     task = load_checkpoint(both.checkpoint)

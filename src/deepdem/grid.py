@@ -61,6 +61,19 @@ class Grid:
         return float(self.transform.a)
 
     @property
+    def pixel_size_m(self) -> float | None:
+        """The pixel size in metres (the geometric mean of x and y, in the CRS's linear unit
+        converted), or None where it has no meaning: no CRS, or a geographic one (degrees)."""
+        if self.crs is None or not self.crs.is_projected:
+            return None
+        import pyproj
+
+        from .lidar.crs import linear_unit_m
+
+        x, y = self.resolution
+        return math.sqrt(x * y) * linear_unit_m(pyproj.CRS.from_user_input(self.crs.to_wkt()))
+
+    @property
     def bounds(self) -> tuple[float, float, float, float]:
         return rasterio.transform.array_bounds(self.height, self.width, self.transform)[:4]
 

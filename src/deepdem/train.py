@@ -31,7 +31,7 @@ from .data import ChipDataset, SceneArrays, collate_chips, largest_fitting_chip,
 from .errors import InputError
 from .flags import fraction, non_negative_int, number, positive, positive_int, share
 from .models import DEFAULT_BANDS, SCALE_SOURCES, TARGETS, DeepDEMRegressionTask, load_checkpoint, save_checkpoint
-from .scene import Scene
+from .scene import PIXEL_SIZE_TOLERANCE, Scene
 
 log = logging.getLogger(__name__)
 
@@ -364,6 +364,8 @@ def _model_kwargs(config: TrainConfig, bands: list[str], gsf: dict[str, float], 
         "arch": config.arch,
         "encoder": config.encoder,
         "GSF_DICT": gsf,
+        # refine resamples a scene of another pixel size to this one (None: not in metres)
+        "pixel_size_m": _training_pixel_size(opened),
         "scale_source": config.scale_source,
         "dsm_holes": "idw" if config.fill_holes else "mean",
         "identity_init": config.identity_init,
@@ -386,6 +388,18 @@ def _model_kwargs(config: TrainConfig, bands: list[str], gsf: dict[str, float], 
     if config.init:
         kwargs["init"] = str(Path(config.init).resolve())
     return kwargs
+
+
+def _training_pixel_size(scenes: Sequence[Scene]) -> float | None:
+    """The training scenes' pixel size in metres (their median), or None when one has none."""
+    sizes = [s.grid.pixel_size_m for s in scenes]
+    if any(size is None for size in sizes):
+        return None
+    if max(sizes) > PIXEL_SIZE_TOLERANCE * min(sizes):
+        log.warning("training scenes have pixel sizes from %.3g to %.3g m: the model learns features of "
+                    "several sizes at once; refine resamples other scenes to their median, %.3g m",
+                    min(sizes), max(sizes), float(np.median(sizes)))
+    return float(np.median(sizes))
 
 
 def _trainer(config: TrainConfig, out: Path, progress: bool, extra_callbacks: list[Callback]):

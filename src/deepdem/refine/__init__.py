@@ -24,6 +24,7 @@ The package, in the order a block travels:
   chips, blend them (heights and σ);
 * :mod:`.output` — the work files, the resume journal and the Cloud-Optimised GeoTIFFs;
 * :mod:`.distributed` — blocks spread over Dask workers;
+* :mod:`.resampled` — a scene of another pixel size than the model's, refined at the model's;
 * :mod:`.heap` — the ``deepdem refine`` command's heap policy (:func:`steady_heap`).
 """
 
@@ -44,6 +45,7 @@ from .distributed import refine_distributed
 from .heap import steady_heap
 from .layout import ABOVE_MAX_SIGMA, TILE, Block, RefineSettings, blend_ramp, blend_window, chip_starts, plan_blocks
 from .output import COG_OPTIONS, cog_overview_factors, commit_block, open_journal, publish, sigma_path, weights_digest
+from .resampled import model_pixel_size, refine_resampled
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +73,7 @@ def refine(
     scale_source: str | None = None,
     max_sigma: float | None = None,
     above_max_sigma: str = "initial",
+    at_model_pixel_size: bool = True,
 ) -> Path:
     """Refine a scene's DSM with a trained model and write a float32 Cloud-Optimised GeoTIFF.
 
@@ -93,6 +96,12 @@ def refine(
     exceeds it, ``above_max_sigma`` 'initial' keeps the initial DSM (DSM bands, where it has
     data; nodata elsewhere) and 'nodata' writes nodata; σ is nodata there.
 
+    A scene whose pixel size differs from the model's training pixel size by more than 20 %
+    (:data:`deepdem.scene.PIXEL_SIZE_TOLERANCE`) is refined at the model's pixel size and the
+    result brought back onto the scene's grid (:mod:`.resampled`), unless
+    ``at_model_pixel_size`` is False. A checkpoint that does not record its pixel size (trained
+    before it did) refines every scene as it is.
+
     Hillshade, slope and canopy height are products of the written DEM:
     :mod:`deepdem.products` (``deepdem refine --hillshade/--slope/--chm`` runs them after).
     """
@@ -101,6 +110,12 @@ def refine(
     scene = scene if isinstance(scene, Scene) else Scene.open(scene)
     out = Path(out)
     _check(task, scene, source, overlap, batch_size, block_size, workers, max_sigma, above_max_sigma)
+    pixel_size = model_pixel_size(task.model_kwargs, scene) if at_model_pixel_size else None
+    if pixel_size is not None:
+        return refine_resampled(refine, task, scene, out, pixel_size, resume, fill, batch_size=batch_size,
+                                overlap=overlap, device=device, bf16=bf16, progress=progress, tta=tta,
+                                block_size=block_size, workers=workers, scheduler=scheduler, client=client,
+                                scale_source=scale_source, max_sigma=max_sigma, above_max_sigma=above_max_sigma)
     kwargs, chip = task.model_kwargs, int(task.model_kwargs["chip_size"])
     settings = RefineSettings(
         bands=tuple(kwargs["bands"]), chip=chip, stride=max(1, int(round(chip * (1 - overlap)))), overlap=overlap,
