@@ -2,8 +2,9 @@
 
 For each data set (generated scenes; real terrain from the Copernicus GLO-30 DSM of the
 Grenoble Alps with generated buildings, trees and stereo errors), three models are trained
-with the same seed and the same budget of *process CPU seconds* (robust to a busy machine,
-unlike wall time), then refine a held-out scene and are evaluated against its truth:
+with the same seed and the same budget of *process CPU seconds* (less sensitive to a busy
+machine than wall time, not immune: threads waiting for a core spin and count), then refine a
+held-out scene and are evaluated against its truth:
 
 * ResDepth-UNet, DSM only;
 * ResDepth-UNet, stereo (DSM + both orthoimages);

@@ -20,9 +20,11 @@ the other sites and on a held-out tile of a training site:
 * on a held-out scene of another pixel size than the training scenes' (Autzen, 1 m), deepdem as refine
   does by default (at the training pixel size, the result averaged back) beside ``--scene-pixel-size``.
 
-Every model gets the same budget of process CPU seconds (robust to a busy machine), the same
-chips of 128 px, batches of 16 and bf16 autocast on the CPU; each runs with several seeds and
-the tables give the median and the range.
+Every model gets the same budget of process CPU seconds, the same chips of 128 px, batches of
+16 and bf16 autocast on the CPU; each runs with several seeds and the tables give the median and
+the range. CPU seconds resist a busy machine better than wall time, but not wholly: torch's
+threads spin while they wait for a core, and that counts. With a test suite running beside it,
+the defaults trained 4 epochs in their budget instead of 8, so run it on a quiet machine.
 
     python bench/real_terrain.py [--seeds 0 1 2] [--cpu-seconds 240] [--write]
 
