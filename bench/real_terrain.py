@@ -591,7 +591,8 @@ def calibration_tables(results: dict) -> list[str]:
                      f"interval {100 * min(overall['coverage_90']):.1f}–{100 * max(overall['coverage_90']):.1f} %; "
                      f"Spearman {min(overall['spearman']):.2f}–{max(overall['spearman']):.2f}, where a σ exactly right "
                      f"would reach {min(overall['spearman_if_exact']):.2f}–{max(overall['spearman_if_exact']):.2f} "
-                     "(one error drawn from σ per pixel: the ceiling of the Spearman for that σ map). σ is the standard "
+                     "(one error drawn from σ per pixel; below it σ misses where the errors are, above it σ ranks "
+                     "them but spreads too little). σ is the standard "
                      "deviation of a Laplace error (intervals ±0.81σ, ±1.63σ, ±2.12σ), calibrated by one factor "
                      "fitted on the training scenes' validation chips (their 68 % and 90 % intervals' coverage)"
                      + (f"; {results['calibration_refit']}." if results.get("calibration_refit") else ".")]

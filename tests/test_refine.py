@@ -502,3 +502,31 @@ def test_a_scene_at_twice_the_model_pixel_size_is_refined_at_the_model_s(tmp_pat
     # within 20 % of the model's pixel size the scene is refined as it is
     task.model_kwargs["pixel_size_m"] = 0.9
     np.testing.assert_array_equal(read(refine(task, scene, tmp_path / "near.tif", bf16=False, progress=False))[0], own)
+
+
+def test_a_killed_refine_at_the_model_pixel_size_resumes_to_the_same_bytes(tmp_path, monkeypatch):
+    scene = smooth_scene(tmp_path / "scene", 300, 140, seed=4, pixel=1.0)  # 600 x 280 at the model's 0.5 m
+    task = random_task(seed=6, uncertainty="laplace", pixel_size_m=0.5)
+    whole = refine(task, scene, tmp_path / "whole.tif", block_size=256, progress=False)
+
+    out = tmp_path / "killed.tif"
+    commit, calls = refine_module.commit_block, []
+
+    def killed_after_two(*args):
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed")
+        calls.append(args[3].index)
+        commit(*args)
+
+    monkeypatch.setattr(refine_module, "commit_block", killed_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        refine(task, scene, out, block_size=256, progress=False)
+    hidden = tmp_path / ".killed.tif.at-0.5m"
+    assert not out.exists() and (hidden / "scene" / "scene.json").exists()  # kept for the resume
+
+    monkeypatch.setattr(refine_module, "commit_block", lambda *args: (calls.append(args[3].index), commit(*args)))
+    refine(task, scene, out, block_size=256, progress=False, resume=True)
+    assert sorted(calls) == list(range(6)) and len(calls) == 6  # 3 x 2 blocks of 256 at 0.5 m, 2 not redone
+    assert out.read_bytes() == whole.read_bytes()
+    assert sigma_path(out).read_bytes() == sigma_path(whole).read_bytes()
+    assert not hidden.exists()

@@ -68,7 +68,7 @@ def test_spearman_is_one_for_proportional_sigma_and_near_zero_for_independent_si
 
 
 def test_spearman_if_exact_is_what_errors_drawn_from_sigma_reach():
-    # σ spread over a factor of 8: errors really drawn from it reach the ceiling, up to sampling
+    # σ spread over a factor of 8: errors really drawn from it reach the reference, up to sampling
     sigma = np.random.default_rng(2).uniform(0.25, 2.0, 50_000)
     for distribution in ("laplace", "gaussian"):
         drawn = np.random.default_rng(3).laplace(0.0, sigma / math.sqrt(2)) if distribution == "laplace" \
@@ -77,10 +77,13 @@ def test_spearman_if_exact_is_what_errors_drawn_from_sigma_reach():
         assert 0.3 < m["spearman_if_exact"] < 0.6  # a single draw scatters: far from 1
         assert m["spearman"] == pytest.approx(m["spearman_if_exact"], abs=0.015)
         assert spearman_if_exact(sigma, distribution) == m["spearman_if_exact"]  # a fixed seed
-    # the same σ beside errors it knows nothing about: a ceiling of its own, a Spearman of 0
+    # the same σ beside errors it knows nothing about: the same reference, a Spearman of 0
     shuffled = calibration_metrics(np.random.default_rng(4).permutation(drawn), sigma, "gaussian")
     assert abs(shuffled["spearman"]) < 0.02 and shuffled["spearman_if_exact"] > 0.3
-    # a σ that varies less has a lower ceiling: ranking needs spread
+    # errors whose scale grows as σ³: σ ranks them, but spreads too little, and beats the reference
+    steep = calibration_metrics(np.random.default_rng(3).normal(0.0, sigma ** 3), sigma, "gaussian")
+    assert steep["spearman"] > steep["spearman_if_exact"] + 0.2
+    # a σ that varies less has a lower reference: ranking needs spread
     narrow = np.random.default_rng(2).uniform(0.9, 1.1, 50_000)
     assert spearman_if_exact(narrow) < 0.1 < spearman_if_exact(sigma)
     # σ ≤ 0 and NaN are left out, as everywhere else

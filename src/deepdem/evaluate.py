@@ -305,7 +305,7 @@ class Evaluation:
     def calibration_table(self) -> str:
         """Calibration of σ per stratum: pixels, coverage of the central 68/90/95 % intervals
         (%), sharpness (median σ, m), the Spearman correlation of σ with |error| and its
-        ceiling for that σ (:func:`deepdem.uncertainty.spearman_if_exact`)."""
+        value if σ were exactly right (:func:`deepdem.uncertainty.spearman_if_exact`)."""
         if not self.calibration:
             return ""
         label_width = max(len(s) for s in self.calibration) + 2

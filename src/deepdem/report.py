@@ -331,8 +331,9 @@ def _uncertainty_markdown(evaluation: Evaluation) -> list[str]:
            f"68, 90 and 95 % intervals are {widths}; a calibrated σ holds 68, 90 and 95 % of the errors "
            "(more: σ too large, less: too small). Sharpness is the median σ (smaller is better at equal "
            "coverage); Spearman is the rank correlation of σ with |error| (1: σ orders the pixels by error). "
-           "Its ceiling is not 1 but the Spearman a σ exactly right would reach, errors drawn from σ itself: "
-           "close to it, σ ranks the pixels as well as its spread allows.",
+           "Even a σ exactly right does not reach 1: read it beside the Spearman such a σ would reach "
+           "(errors drawn from σ itself). Below that, σ misses where the errors are; above it, σ ranks "
+           "them but spreads too little.",
            "", _md_table(header, rows), ""]
     data = evaluation.data
     if data is not None and data.sigma is not None:

@@ -14,9 +14,10 @@ Both readings share one number, σ, so that rasters can be compared and propagat
   covers 68/90/95 %; more means σ is too large (pessimistic), less too small;
 * **sharpness** — the median σ: among calibrated σs, the smaller the more useful;
 * **Spearman** — the rank correlation of σ with |error|: does σ single out the bad pixels?
-  Read it beside **Spearman if exact** (:func:`spearman_if_exact`): even a σ that is exactly
-  right correlates with |error| only as far as its spread across pixels outweighs the scatter of
-  a single error drawn from it, so the ceiling of the first is the second, not 1.
+  Read it beside **Spearman if exact** (:func:`spearman_if_exact`): a σ that is exactly right
+  does not reach 1, only as far as its spread across pixels outweighs the scatter of a single
+  error drawn from it. Below that reference, σ misses where the errors are; above it, σ ranks
+  them but spreads too little (the errors grow faster from pixel to pixel than σ does).
 
 This module is the one place of that math; numpy and scipy only.
 """
@@ -100,10 +101,11 @@ def spearman_if_exact(sigma, distribution: str = "laplace", seed: int = 0) -> fl
 
     One error is drawn per pixel from a zero-mean ``distribution`` with standard deviation σ
     (a fixed ``seed``, so the value is reproducible), and ranked against σ. A single draw
-    scatters around its σ (a Laplace error's |e| is exponential), so this is the ceiling of
-    ``spearman`` for this σ map: a measured Spearman close to it means σ ranks the pixels as
-    well as its spread allows, one far below it means σ misses where the errors are. Only σ's
-    spread sets it: a σ that varies little between pixels has a low ceiling even when calibrated.
+    scatters around its σ (a Laplace error's |e| is exponential), so even the right σ stays well
+    below 1, and only σ's spread between pixels sets how far: a σ that varies little has a low
+    reference even when it is right. The measured ``spearman`` reads against it: close to it, σ
+    ranks the pixels as a right σ would; below it, σ misses where the errors are; above it, the
+    errors' scale varies more steeply than σ (σ ranks them but spreads too little).
     NaN as for ``spearman``; pixels with σ ≤ 0 or not finite are left out.
     """
     s = np.asarray(sigma, dtype=np.float64).ravel()
@@ -125,7 +127,7 @@ def calibration_metrics(errors, sigma, distribution: str = "laplace", levels=LEV
     ``count``; ``coverage_68``, ``coverage_90``, ``coverage_95`` (one key per level, share 0–1
     of |e| within the central interval); ``sharpness`` (median σ, m); ``spearman`` (rank
     correlation of σ with |e|; NaN below 3 pixels or for constant input); ``spearman_if_exact``
-    (its ceiling for this σ, :func:`spearman_if_exact`); ``mean_sigma``; ``mae``. All NaN
+    (what it would be if σ were exactly right, :func:`spearman_if_exact`); ``mean_sigma``; ``mae``. All NaN
     (count 0) when empty; never warns.
     """
     e, s = _pairs(errors, sigma)

@@ -55,7 +55,8 @@ def refine_resampled(refine, task, scene: Scene, out: Path, pixel_size: float, r
         hidden.mkdir(parents=True)
         log.info("the model was trained at %.3g m pixels, the scene has %.3g m: refining at %.3g m",
                  pixel_size, scene.grid.pixel_size_m, pixel_size)
-        resampled = resample_scene(scene, pixel_size, scene_dir, bands=[*task.model_kwargs["bands"], "dsm"])
+        bands = dict.fromkeys(["dsm", *task.model_kwargs["bands"]])
+        resampled = resample_scene(scene, pixel_size, scene_dir, bands=bands)
     refined = refine(task, resampled, hidden / "refined.tif", resume=resume, fill=fill, at_model_pixel_size=False,
                      **settings)
     # Averaging where the model's pixels are finer: a scene pixel gets the mean of the model's
