@@ -303,27 +303,40 @@ def test_no_seams_error_at_chip_edges_matches_the_interior(prepared_scene, tmp_p
     assert seam_ratio(task, prepared_scene, tmp_path, overlap=0.0) > 1.05  # unblended: the ratio sees the seams
 
 
+def kill_after_blocks(monkeypatch, n: int) -> list[int]:
+    """Make refine's block commits raise KeyboardInterrupt (a kill) after ``n`` of them; the
+    indices of the blocks committed are appended to the returned list."""
+    commit, calls = refine_module.output.commit_block, []
+
+    def killed(*args):
+        if len(calls) == n:
+            raise KeyboardInterrupt("killed")
+        calls.append(args[3].index)
+        commit(*args)
+
+    monkeypatch.setattr(refine_module, "commit_block", killed)
+    return calls
+
+
+def count_blocks(monkeypatch, calls: list[int]) -> None:
+    """Let refine commit every block again, appending their indices to ``calls``."""
+    commit = refine_module.output.commit_block
+    monkeypatch.setattr(refine_module, "commit_block", lambda *args: (calls.append(args[3].index), commit(*args)))
+
+
 def test_resume_after_a_kill_gives_the_same_bytes(multi_block_scene, tmp_path, monkeypatch):
     task = random_task(seed=1, uncertainty="laplace")
     whole = refine(task, multi_block_scene, tmp_path / "whole.tif", block_size=256, progress=False)
 
     out = tmp_path / "killed.tif"
-    commit, calls = refine_module.commit_block, []
-
-    def killed_after_four(*args):
-        if len(calls) == 4:
-            raise KeyboardInterrupt("killed")
-        calls.append(args[3].index)
-        commit(*args)
-
-    monkeypatch.setattr(refine_module, "commit_block", killed_after_four)
+    calls = kill_after_blocks(monkeypatch, 4)
     with pytest.raises(KeyboardInterrupt):
         refine(task, multi_block_scene, out, block_size=256, progress=False)
     assert not out.exists() and not sigma_path(out).exists()
     work, sigma_work, journal = refine_module.output.work_paths(out)
     assert work.exists() and sigma_work.exists() and len(__import__("json").loads(journal.read_text())["done"]) == 4
 
-    monkeypatch.setattr(refine_module, "commit_block", lambda *args: (calls.append(args[3].index), commit(*args)))
+    count_blocks(monkeypatch, calls)
     refine(task, multi_block_scene, out, block_size=256, progress=False, resume=True)
     assert sorted(calls) == list(range(9)) and len(calls) == 9  # the 4 finished blocks were not redone
     assert out.read_bytes() == whole.read_bytes()
@@ -510,21 +523,13 @@ def test_a_killed_refine_at_the_model_pixel_size_resumes_to_the_same_bytes(tmp_p
     whole = refine(task, scene, tmp_path / "whole.tif", block_size=256, progress=False)
 
     out = tmp_path / "killed.tif"
-    commit, calls = refine_module.commit_block, []
-
-    def killed_after_two(*args):
-        if len(calls) == 2:
-            raise KeyboardInterrupt("killed")
-        calls.append(args[3].index)
-        commit(*args)
-
-    monkeypatch.setattr(refine_module, "commit_block", killed_after_two)
+    calls = kill_after_blocks(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         refine(task, scene, out, block_size=256, progress=False)
     hidden = tmp_path / ".killed.tif.at-0.5m"
     assert not out.exists() and (hidden / "scene" / "scene.json").exists()  # kept for the resume
 
-    monkeypatch.setattr(refine_module, "commit_block", lambda *args: (calls.append(args[3].index), commit(*args)))
+    count_blocks(monkeypatch, calls)
     refine(task, scene, out, block_size=256, progress=False, resume=True)
     assert sorted(calls) == list(range(6)) and len(calls) == 6  # 3 x 2 blocks of 256 at 0.5 m, 2 not redone
     assert out.read_bytes() == whole.read_bytes()
