@@ -14,10 +14,10 @@ Both readings share one number, σ, so that rasters can be compared and propagat
   covers 68/90/95 %; more means σ is too large (pessimistic), less too small;
 * **sharpness** — the median σ: among calibrated σs, the smaller the more useful;
 * **Spearman** — the rank correlation of σ with |error|: does σ single out the bad pixels?
-  Read it beside **Spearman if exact** (:func:`spearman_if_exact`): a σ that is exactly right
-  does not reach 1, only as far as its spread across pixels outweighs the scatter of a single
-  error drawn from it. Below that reference, σ misses where the errors are; above it, σ ranks
-  them but spreads too little (the errors grow faster from pixel to pixel than σ does).
+  Read it beside **Spearman if exact** (:func:`spearman_if_exact`): even a σ that is exactly
+  right falls short of 1, by as much as the scatter of a single error drawn from it outweighs
+  σ's spread across pixels. Below that reference, σ misses where the errors are; above it, σ
+  ranks them but spreads too little (the errors grow faster from pixel to pixel than σ does).
 
 This module is the one place of that math; numpy and scipy only.
 """
