@@ -269,7 +269,8 @@ def pixel_size_table(results: dict) -> list[str]:
         rows.append(f"| {' | '.join(key.split('|'))} | {range_cell(ours)} | {range_cell(own)} | "
                     f"{range_cell([a / b for a, b in pairs])} |")
     rows += ["", "The same checkpoints, refined twice: `deepdem refine` (the scene resampled to the training scenes' "
-             "0.5 m, the result averaged back) and `deepdem refine --scene-pixel-size`. Ratio: seed by seed, median (min–max)."]
+             "pixel size, the result averaged back) and `deepdem refine --scene-pixel-size`. Ratio: seed by seed, "
+             "median (min–max)."]
     return rows
 
 
@@ -317,7 +318,6 @@ def run(work: Path, seeds: list[int], seconds: float, ablations: bool, only: lis
                 if name == DEEPDEM:
                     record_pixel_size(results, result.checkpoint, scene, key, "dsm", evaluation.metrics[name]["mae"],
                                       run_dir / "own-pixel-size.tif")
-                if name == DEEPDEM:
                     for stratum, entry in evaluation.strata.items():
                         if entry.get("pixels", 0) >= 1000 and "metrics" in entry:
                             m = entry["metrics"]
