@@ -14,7 +14,8 @@ from deepdem.cli import main
 from deepdem.errors import CheckpointError
 from deepdem.models import DeepDEMRegressionTask, load_checkpoint, save_checkpoint
 from deepdem.refine import blend_window, refine, sigma_path
-from deepdem.scene import FLOAT_NODATA, Grid, resample_scene, write_scene
+from deepdem.prepare import resample_scene
+from deepdem.scene import FLOAT_NODATA, Grid, write_scene
 
 BANDS = ["dsm", "ortho_left", "ortho_right", "triangulation_error", "ndvi", "nodata_mask"]
 

@@ -8,7 +8,7 @@ from rasterio.transform import from_origin
 from rasterio.windows import Window
 
 from deepdem.errors import InputError
-from deepdem.scene import FLOAT_NODATA, Grid, Scene, compute_scale_factors, resample_scene, write_scene
+from deepdem.scene import FLOAT_NODATA, Grid, Scene, compute_scale_factors, write_scene
 
 
 def plane(shape, slope, resolution=1.0):
@@ -114,40 +114,3 @@ def test_bands_are_stored_with_the_predictor_of_their_kind(prepared_scene):
             structure = src.tags(ns="IMAGE_STRUCTURE")
         assert (band, structure.get("COMPRESSION"), structure.get("PREDICTOR", "1")) == (band, "ZSTD", predictor)
 
-
-def test_resampling_keeps_the_extent_a_plane_and_the_nodata(tmp_path):
-    grid = Grid(CRS.from_epsg(32631), from_origin(1000.0, 2000.0, 1.0, 1.0), 40, 60)
-    rows, cols = np.mgrid[0:40, 0:60].astype(np.float32)
-    dsm = 100.0 + 0.5 * cols - 0.25 * rows  # a plane, in metres per pixel of 1 m
-    dsm[10:14, 20:26] = np.nan
-    rng = np.random.default_rng(0)
-    bands = {"dsm": dsm, "ortho_left": rng.uniform(0, 1, grid.shape).astype(np.float32),
-             "ortho_right": rng.uniform(0, 1, grid.shape).astype(np.float32),
-             "triangulation_error": np.full(grid.shape, 0.3, np.float32), "ndvi": np.zeros(grid.shape, np.float32)}
-    scene = write_scene(tmp_path / "scene", grid, bands, n_chips=50)
-
-    fine = resample_scene(scene, 0.5, tmp_path / "fine")
-    assert fine.shape == (80, 120) and fine.grid.bounds == scene.grid.bounds and fine.crs == scene.crs
-    assert fine.manifest["provenance"]["resampled_from"] == str(scene.path.resolve())
-    # bilinear interpolation keeps a plane: the fine pixel centred at (x, y) has the plane's height there
-    fine_dsm = fine.read("dsm")
-    r, c = np.mgrid[0:80, 0:120]
-    plane_there = 100.0 + 0.5 * ((c + 0.5) / 2 - 0.5) - 0.25 * ((r + 0.5) / 2 - 0.5)
-    interior = np.ones(fine.shape, dtype=bool)  # away from the edges and the hole, where no neighbour is missing
-    interior[:2], interior[-2:], interior[:, :2], interior[:, -2:] = False, False, False, False
-    interior[18:30, 38:54] = False
-    np.testing.assert_allclose(fine_dsm[interior], plane_there[interior], atol=1e-3)
-    # the hole is a hole at both sizes, and the mask follows it
-    assert np.isnan(fine_dsm[22:26, 42:50]).all() and (fine.read("nodata_mask")[22:26, 42:50] == 0).all()
-    assert fine.read("nodata_mask")[interior].all()
-
-    coarse = resample_scene(scene, 2.0, tmp_path / "coarse", bands=["dsm"])
-    assert coarse.shape == (20, 30) and coarse.bands == ["dsm", "nodata_mask"]
-    # averaging onto an aligned grid of 2 x 2 pixels: their mean, the hole's pixels left out
-    blocks = dsm.reshape(20, 2, 30, 2)
-    counts = np.isfinite(blocks).sum(axis=(1, 3))
-    expected = np.where(counts > 0, np.nansum(blocks, axis=(1, 3)) / np.maximum(counts, 1), np.nan)
-    assert (counts == 0).sum() == 6  # the 2 x 3 pixels wholly in the hole stay nodata
-    np.testing.assert_allclose(coarse.read("dsm"), expected, atol=1e-4)
-    with pytest.raises(InputError, match="pixel size must be > 0"):
-        resample_scene(scene, 0.0, tmp_path / "zero")

@@ -23,6 +23,7 @@ import logging
 import os
 import warnings
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 from rasterio.crs import CRS
@@ -32,7 +33,7 @@ from skimage import exposure
 from .align import CONTINUOUS_UPSAMPLING, align_to_grid, read_grid, read_source, resampling_for, target_grid  # noqa: F401
 from .errors import InputError
 from .io import horizontal_crs, open_raster, vertical_reference
-from .scene import Grid, Scene, nodata_mask, write_scene
+from .scene import INPUT_BANDS, Grid, Scene, nodata_mask, write_scene
 
 log = logging.getLogger(__name__)
 
@@ -374,3 +375,30 @@ def prepare_from_asp_dir(directory: str | os.PathLike, out: str | os.PathLike, w
         truth=directory / ASP_FILES["truth_dsm"] if with_truth else None,
         truth_dtm=directory / ASP_FILES["truth_dtm"] if with_truth else None,
     )
+
+
+def resample_scene(scene: Scene, pixel_size_m: float, out: str | os.PathLike,
+                   bands: Iterable[str] | None = None) -> Scene:
+    """The scene on a grid of ``pixel_size_m`` metres over the same extent, written at ``out``.
+
+    For a model trained at another pixel size than the scene's (:func:`deepdem.refine.refine`
+    does this by itself). Each band is aligned as ``prepare`` aligns an input
+    (:func:`deepdem.align.align_to_grid`: bilinear onto a finer grid, averaged onto a much
+    coarser one, nearest for the nodata mask), and the mask is cleared, as everywhere, where a
+    band has no data. ``bands`` (default: every input band) chooses what to carry. Holds the
+    resampled bands in memory, like ``prepare``.
+    """
+    source_size = scene.grid.pixel_size_m
+    if source_size is None:
+        raise InputError("the scene's grid has no pixel size in metres (no CRS, or a geographic one)", scene.path)
+    if not pixel_size_m > 0:
+        raise InputError(f"pixel size must be > 0 m, got {pixel_size_m}", scene.path)
+    t = scene.transform
+    grid = Grid.from_bounds(scene.grid.bounds, pixel_size_m * scene.grid.res / source_size, scene.crs,
+                            anchor=(t.c, t.f))
+    arrays = {name: align_to_grid(scene.band_path(name), grid, name)
+              for name in (bands or INPUT_BANDS) if scene.has(name)}
+    if "nodata_mask" in arrays:
+        arrays["nodata_mask"] = ((np.nan_to_num(arrays["nodata_mask"]) > 0) & nodata_mask(arrays)).astype(np.uint8)
+    return write_scene(out, grid, arrays, provenance={"resampled_from": str(scene.path.resolve()),
+                                                      "pixel_size_m": pixel_size_m})

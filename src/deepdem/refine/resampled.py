@@ -2,9 +2,10 @@
 
 A convolutional model learns features of a given size in pixels: a roof edge, a crown, a gully.
 Fed a 1 m scene, a model trained at 0.5 m sees every object at half the size it learned. So the
-scene is resampled to the model's pixel size (:func:`deepdem.scene.resample_scene`), refined
-there, and the result (heights and σ) brought back onto the scene's grid: averaged where the
-model's pixels are finer, interpolated bilinearly where they are coarser. Measured on the
+scene is resampled to the model's pixel size (:func:`deepdem.prepare.resample_scene`), refined
+there, and the result (heights and σ) brought back onto the scene's grid with the resampling
+``prepare`` would choose (:func:`deepdem.align.resampling_for`: averaged from much finer pixels,
+bilinear otherwise). Measured on the
 real-terrain benchmark's 1 m scene with models trained at 0.5 m: see docs/refine.md.
 
 The resampled scene and its refinement live in a hidden folder beside the output, kept until the
@@ -23,7 +24,8 @@ from rasterio.enums import Resampling
 from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
 
-from ..scene import FLOAT_NODATA, MANIFEST, PIXEL_SIZE_TOLERANCE, Scene, resample_scene
+from ..align import resampling_for
+from ..scene import FLOAT_NODATA, MANIFEST, PIXEL_SIZE_TOLERANCE, Scene
 from .output import WORK_PROFILE, publish, sigma_path, work_paths
 
 log = logging.getLogger(__name__)
@@ -55,13 +57,15 @@ def refine_resampled(refine, task, scene: Scene, out: Path, pixel_size: float, r
         hidden.mkdir(parents=True)
         log.info("the model was trained at %.3g m pixels, the scene has %.3g m: refining at %.3g m",
                  pixel_size, scene.grid.pixel_size_m, pixel_size)
+        from ..prepare import resample_scene  # prepare's imports (scikit-image) only when needed
+
         bands = dict.fromkeys(["dsm", *task.model_kwargs["bands"]])
         resampled = resample_scene(scene, pixel_size, scene_dir, bands=bands)
     refined = refine(task, resampled, hidden / "refined.tif", resume=resume, fill=fill, at_model_pixel_size=False,
                      **settings)
-    # Averaging where the model's pixels are finer: a scene pixel gets the mean of the model's
-    # heights (and σ) over it, as a coarser DEM would be made from a finer one.
-    method = Resampling.average if pixel_size < scene.grid.pixel_size_m else Resampling.bilinear
+    # A scene pixel gets the mean of the model's finer heights (and σ) over it, as a coarser DEM
+    # would be made from a finer one: prepare's rule for a height band.
+    method = resampling_for("dsm", resampled.grid.resolution, scene.grid)
     height_work, sigma_work, journal = work_paths(out)
     works = [height_work]
     _bring_back(refined, height_work, scene, method, fill)
