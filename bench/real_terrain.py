@@ -82,7 +82,8 @@ PLAIN = "plain smp Unet-resnet18"
 NO_SIGMA = "deepdem, no σ head"
 DSM_MODELS = {
     DEEPDEM: {},
-    # the price of the uncertainty head: the same defaults trained for heights alone
+    # the price of σ: the same defaults without σ's branch. The network trains alike either way,
+    # so what differs is the branch's share of the CPU budget (fewer steps in it)
     NO_SIGMA: dict(uncertainty=False),
     BEFORE: dict(scale_source="scene", fill_holes=False, holdout_fraction=0.2, identity_init=False,
                  relief_augmentation=False),

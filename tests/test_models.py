@@ -97,3 +97,38 @@ def test_identity_init_returns_the_input_dsm_until_trained(arch):
     random_head = DeepDEMRegressionTask({"bands": ["dsm", "ortho_left"], "chip_size": 64, "arch": arch}).eval()
     with torch.no_grad():
         assert (random_head.predict_heights(batch) - batch["base"]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("arch", ["Unet", "ResDepth"])
+def test_sigma_branch_trains_alone_and_leaves_the_network_of_a_model_without_sigma(arch):
+    torch.manual_seed(0)
+    with_sigma = _task(arch=arch, target="both", uncertainty="laplace", sigma_head="branch", identity_init=True)
+    torch.manual_seed(0)
+    without = _task(arch=arch, target="both", identity_init=True)
+    # Same seed, same network: the branch draws its weights from a generator of its own.
+    shared = without.state_dict()
+    assert all(torch.equal(with_sigma.state_dict()[name], weights) for name, weights in shared.items())
+    assert {n.split(".")[0] for n in with_sigma.state_dict()} - {n.split(".")[0] for n in shared} == {"sigma_branch"}
+    inputs = torch.randn(2, 2, 96, 96)  # not a multiple of 32: ResDepth pads and crops
+    with_sigma.eval(), without.eval()
+    raw = with_sigma(inputs)
+    assert raw.shape == (2, 4, 96, 96)  # two residuals, then two σ
+    assert torch.equal(raw[:, :2], without(inputs))
+    # identity init: the heights are the input DSM and σ starts at b = ln 2 (softplus of 0)
+    assert torch.equal(raw[:, 2:], torch.zeros_like(raw[:, 2:]))
+    with torch.no_grad():
+        with_sigma.sigma_branch.layers[-1].weight.normal_()  # a σ that depends on its inputs
+    with_sigma(inputs)[:, 2:].square().sum().backward()
+    moved = {n for n, p in with_sigma.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert moved and all(n.startswith("sigma_branch.") for n in moved), moved
+
+
+def test_checkpoints_keep_their_sigma_head_joint_from_before_the_branch_or_branched(tmp_path):
+    inputs = torch.randn(1, 2, 64, 64)
+    joint = _task(uncertainty="laplace")  # a checkpoint from before the branch: no "sigma_head"
+    assert joint.sigma_branch is None and joint(inputs).shape[1] == 2  # one output layer for both
+    branched = _task(uncertainty="laplace", sigma_head="branch")
+    for task in (joint, branched):
+        loaded = load_checkpoint(save_checkpoint(task, tmp_path / "m.ckpt")).eval()
+        with torch.no_grad():
+            assert torch.equal(loaded(inputs), task.eval()(inputs))

@@ -29,6 +29,9 @@ from .errors import CheckpointError
 DEFAULT_BANDS = ("dsm", "ortho_left", "ortho_right", "triangulation_error", "ndvi", "nodata_mask")
 #: What a model's σ head predicts: the scale of a Laplace distribution of its error.
 UNCERTAINTY_KINDS = ("laplace",)
+#: Where σ comes from: one output layer shared with the residuals (earlier checkpoints), or a
+#: branch beside the network (:class:`SigmaBranch`).
+SIGMA_HEADS = ("joint", "branch")
 #: The σ channel's floor in normalised units: keeps 1/b and log b finite for a saturated head.
 MIN_SCALE = 1e-3
 CHECKPOINT_FORMAT = "deepdem-checkpoint-1"
@@ -105,6 +108,32 @@ def output_layer(network: nn.Module) -> nn.Conv2d:
     return convolutions[-1]
 
 
+class SigmaBranch(nn.Module):
+    """The σ head of a model: a small convolutional branch beside the network, not inside it.
+
+    It reads the features the network's output layer reads, *detached*, with the network's
+    inputs (the triangulation error among them), and predicts one raw Laplace scale per target
+    (:func:`laplace_scale`). The Laplace NLL then trains the branch alone: the network, and so
+    the heights, are trained by the L1 loss exactly as without σ, from the same initial weights
+    (the branch draws its own from a forked generator). One output layer for heights and σ, as
+    earlier checkpoints have, let σ's loss shape the shared features: on the real-terrain
+    benchmark that cost up to 8 % of MAE on a held-out scene (median of 3 seeds).
+    """
+
+    def __init__(self, in_channels: int, n_sigma: int, width: int = 16):
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Conv2d(in_channels, width, 3, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(width, width, 3, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(width, n_sigma, 1),
+        )
+
+    def forward(self, features: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        # ResDepth pads odd sizes and crops its output: crop its features the same way.
+        features = features[..., : inputs.shape[-2], : inputs.shape[-1]].detach()
+        return self.layers(torch.cat([features, inputs.to(features.dtype)], dim=1))
+
+
 def masked_l1(prediction: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Mean absolute error in metres over valid pixels (0 when a batch has none)."""
     valid = valid.to(prediction.dtype)
@@ -123,9 +152,9 @@ def laplace_scale(raw: torch.Tensor) -> torch.Tensor:
 def masked_laplace_nll(error: torch.Tensor, scale: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Laplace negative log-likelihood |e|/b + log b (up to log 2) over valid pixels.
 
-    ``error`` is detached by the caller: the mean is trained by the L1 loss alone, so adding the
-    σ head does not reweight which pixels the residual learns from (the NLL's |e|/b term would
-    otherwise down-weight hard pixels, and the MAE would drift from the L1 model's).
+    ``error`` is detached by the caller, and the σ branch reads detached features
+    (:class:`SigmaBranch`): the heights are trained by the L1 loss alone (the NLL's |e|/b
+    term would otherwise down-weight hard pixels, and the MAE drift from the L1 model's).
     """
     valid = valid.to(scale.dtype)
     nll = error.abs() / scale + torch.log(scale)
@@ -137,8 +166,10 @@ class DeepDEMRegressionTask(L.LightningModule):
 
     ``model_kwargs`` (JSON-like) carries: ``bands``, ``chip_size``, ``target`` ('dsm', 'dtm' or
     'both' for two heads), ``arch``, ``encoder``, ``GSF_DICT`` (training scale factor per chip
-    size), ``scale_source``, ``datapath`` (training scenes), ``normalisation`` and the optimiser
-    settings (``lr``, ``lr_patience``).
+    size), ``scale_source``, ``datapath`` (training scenes), ``normalisation``, the optimiser
+    settings (``lr``, ``lr_patience``), and for a model with σ ``uncertainty`` ('laplace') and
+    ``sigma_head`` ('branch': a :class:`SigmaBranch`; absent in earlier checkpoints, whose one
+    output layer gives the residuals and σ alike).
     """
 
     #: validation errors kept per epoch for the median-based NMAD (a random subsample)
@@ -152,12 +183,17 @@ class DeepDEMRegressionTask(L.LightningModule):
         self.uncertainty = self.model_kwargs.get("uncertainty")
         if self.uncertainty not in (None, *UNCERTAINTY_KINDS):
             raise CheckpointError(f"unknown uncertainty model {self.uncertainty!r} (this version knows {', '.join(UNCERTAINTY_KINDS)})")
-        # A σ head adds one channel per target: residuals first, then their raw Laplace scales.
+        # Checkpoints from before the σ branch ("sigma_head" absent) have one output layer for the
+        # residuals and σ alike.
+        sigma_head = self.model_kwargs.get("sigma_head") or "joint"
+        if sigma_head not in SIGMA_HEADS:
+            raise CheckpointError(f"unknown sigma head {sigma_head!r} (this version knows {', '.join(SIGMA_HEADS)})")
+        joint = self.has_sigma and sigma_head == "joint"
         self.model = build_network(
             self.model_kwargs.get("arch", "Unet"),
             self.model_kwargs.get("encoder", "resnet18"),
             len(self.model_kwargs["bands"]),
-            classes=len(self.targets) * (2 if self.has_sigma else 1),
+            classes=len(self.targets) * (2 if joint else 1),
         )
         if self.model_kwargs.get("identity_init"):
             # The untrained model returns the input DSM unchanged: training starts from "leave it
@@ -166,6 +202,16 @@ class DeepDEMRegressionTask(L.LightningModule):
             nn.init.zeros_(head.weight)
             if head.bias is not None:
                 nn.init.zeros_(head.bias)
+        self.sigma_branch = None
+        self._features = None
+        if self.has_sigma and not joint:
+            head = output_layer(self.model)
+            with torch.random.fork_rng(devices=[]):  # the network's seed stream stays as without σ
+                self.sigma_branch = SigmaBranch(head.in_channels + len(self.model_kwargs["bands"]), len(self.targets))
+            if self.model_kwargs.get("identity_init"):  # σ starts where a joint head starts: b = ln 2
+                nn.init.zeros_(self.sigma_branch.layers[-1].weight)
+                nn.init.zeros_(self.sigma_branch.layers[-1].bias)
+            head.register_forward_hook(self._keep_features)
         self._val_errors: list[torch.Tensor] = []
 
     @property
@@ -182,7 +228,14 @@ class DeepDEMRegressionTask(L.LightningModule):
         """The network's raw output for normalised inputs (B, C, H, W): (B, n_targets, H, W)
         normalised residuals, followed by n_targets raw σ channels when the model has them
         (see :meth:`split_output`)."""
-        return self.model(inputs)
+        raw = self.model(inputs)
+        if self.sigma_branch is None:
+            return raw
+        features, self._features = self._features, None
+        return torch.cat([raw, self.sigma_branch(features, inputs).to(raw.dtype)], dim=1)
+
+    def _keep_features(self, module, args, output) -> None:
+        self._features = args[0]  # what the output layer read, for the σ branch
 
     def split_output(self, raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Normalised residuals and calibrated σ (normalised units: × the scale factor gives

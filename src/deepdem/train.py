@@ -287,6 +287,8 @@ def _train(config: TrainConfig, extra_callbacks: list[Callback]) -> TrainResult:
     else:
         val_set = ChipDataset(arrays, [v for _, v in splits], bands, chip_size, "val")
     model_kwargs = _model_kwargs(config, bands, gsf, opened, val_opened, holdout)
+    if initial is not None and initial.has_sigma:  # its weights fit its own σ head (earlier: joint)
+        model_kwargs["sigma_head"] = initial.model_kwargs.get("sigma_head", "joint")
     task = DeepDEMRegressionTask(model_kwargs)
     if initial is not None:
         task.load_state_dict(initial.state_dict())
@@ -372,6 +374,8 @@ def _model_kwargs(config: TrainConfig, bands: list[str], gsf: dict[str, float], 
         "relief_augmentation": config.relief_augmentation,
         "relief_share": config.relief_share if config.relief_augmentation else 0.0,
         "uncertainty": "laplace" if config.uncertainty else None,
+        # σ from a branch beside the network (models.SigmaBranch), which leaves the heights alone
+        "sigma_head": "branch" if config.uncertainty else None,
         "normalisation": f"dsm: holes {'filled by IDW, ' if config.fill_holes else ''}(dsm - chip mean) / "
         f"{'training' if config.scale_source == 'checkpoint' else 'scene'} scale factor, nodata -> 0; "
         "orthos: CLAHE [0,1], nodata -> 0; triangulation_error: m, nodata -> -1; ndvi: nodata -> 0",
