@@ -117,7 +117,8 @@ class SigmaBranch(nn.Module):
     the heights, are trained by the L1 loss exactly as without σ, from the same initial weights
     (the branch draws its own from a forked generator). One output layer for heights and σ, as
     earlier checkpoints have, let σ's loss shape the shared features: on the real-terrain
-    benchmark that cost up to 8 % of MAE on a held-out scene (median of 3 seeds).
+    benchmark that cost up to 8 % of MAE on a held-out scene (median of 3 seeds; BENCHMARKS.md at
+    commit eb56882, the run before the branch).
     """
 
     def __init__(self, in_channels: int, n_sigma: int, width: int = 16):
