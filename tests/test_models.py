@@ -110,7 +110,8 @@ def test_sigma_branch_trains_alone_and_leaves_the_network_of_a_model_without_sig
     assert all(torch.equal(with_sigma.state_dict()[name], weights) for name, weights in shared.items())
     assert {n.split(".")[0] for n in with_sigma.state_dict()} - {n.split(".")[0] for n in shared} == {"sigma_branch"}
     inputs = torch.randn(2, 2, 96, 96)  # not a multiple of 32: ResDepth pads and crops
-    with_sigma.eval(), without.eval()
+    with_sigma.eval()
+    without.eval()
     raw = with_sigma(inputs)
     assert raw.shape == (2, 4, 96, 96)  # two residuals, then two σ
     assert torch.equal(raw[:, :2], without(inputs))

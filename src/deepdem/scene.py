@@ -374,4 +374,3 @@ def write_scene(
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return Scene.open(out)
-
