@@ -86,9 +86,10 @@ DSM_MODELS = {
     # so what differs is the branch's share of the CPU budget (fewer steps in it)
     NO_SIGMA: dict(uncertainty=False),
     BEFORE: dict(scale_source="scene", fill_holes=False, holdout_fraction=0.2, identity_init=False,
-                 relief_augmentation=False),
+                 relief_augmentation=False, weight_averaging=False),
     # ResDepth's network as published (randomly initialised, no relief augmentation), in deepdem's pipeline
-    "ResDepth-UNet, DSM only": dict(arch="ResDepth", bands=["dsm"], identity_init=False, relief_augmentation=False),
+    "ResDepth-UNet, DSM only": dict(arch="ResDepth", bands=["dsm"], identity_init=False, relief_augmentation=False,
+                                    weight_averaging=False),
     "ResDepth-UNet, stereo": dict(arch="ResDepth", bands=["dsm", "ortho_left", "ortho_right"], identity_init=False,
                                   relief_augmentation=False),
 }
@@ -99,6 +100,7 @@ ABLATIONS = {
     "deepdem, random output layer": dict(identity_init=False),
     "deepdem, holes at the chip mean": dict(fill_holes=False),
     "deepdem, 20 % hold-out": dict(holdout_fraction=0.2),
+    "deepdem, no weight averaging": dict(weight_averaging=False),
     # not an undone change but a candidate default: the relief changed on a quarter of the chips, not half
     "deepdem, relief on a quarter of the chips": dict(relief_share=0.25),
 }

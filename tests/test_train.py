@@ -463,3 +463,38 @@ def test_training_cache_holds_one_model_ready_copy_of_the_bands(prepared_scene, 
     pixels = prepared_scene.shape[0] * prepared_scene.shape[1]
     size = sum(f.stat().st_size for f in files)
     assert CACHE_BYTES_PER_PIXEL == 25 and size <= pixels * CACHE_BYTES_PER_PIXEL + 7 * 128  # + .npy headers
+
+
+def test_trailing_weight_average_leans_on_the_last_third_of_the_run():
+    """Update t of T weighs t²: the average sits at 3/4 of the run, its last third holds 70 %."""
+    from deepdem.train import TrailingWeightAverage
+
+    averaging, steps = TrailingWeightAverage(), 600
+    position = [torch.tensor([1.0])]
+    last_third = [torch.tensor([0.0])]
+    counter = [torch.tensor([1])]
+    for t in range(2, steps + 1):
+        updates = torch.tensor(t - 1)  # what AveragedModel passes: the updates so far
+        averaging._lean_on_the_last_steps(position, [torch.tensor([float(t)])], updates)
+        averaging._lean_on_the_last_steps(last_third, [torch.tensor([float(t > 2 * steps / 3)])], updates)
+        averaging._lean_on_the_last_steps(counter, [torch.tensor([t])], updates)
+    assert float(position[0]) / steps == pytest.approx(0.75, abs=0.01)
+    assert float(last_third[0]) == pytest.approx(1 - (2 / 3) ** 3, abs=0.01)
+    assert int(counter[0]) == steps  # counters are carried, not averaged
+
+
+def test_the_checkpoint_holds_the_averaged_weights_not_the_last_ones(prepared_scene, tmp_path):
+    result = train([prepared_scene], tmp_path / "run", chip_size=64, batch_size=2, max_epochs=2, samples_per_epoch=16,
+                   progress=False)
+    lightning_best = torch.load(next((tmp_path / "run" / "checkpoints").glob("best-*.ckpt")), weights_only=True)
+    kept = load_checkpoint(result.checkpoint).state_dict()
+    averaged, current = lightning_best["state_dict"], lightning_best["current_model_state"]
+    name = next(k for k in kept if k.endswith(".weight") and kept[k].numel() > 1000)
+    assert torch.equal(kept[name], averaged[name])
+    assert not torch.equal(averaged[name], current[name])  # 8 steps of training moved the weights
+    assert load_checkpoint(result.checkpoint).model_kwargs["weight_averaging"]
+
+    unaveraged = train([prepared_scene], tmp_path / "plain", chip_size=64, batch_size=2, max_epochs=1,
+                       samples_per_epoch=4, weight_averaging=False, progress=False)
+    assert "current_model_state" not in torch.load(tmp_path / "plain" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert load_checkpoint(unaveraged.checkpoint).model_kwargs["weight_averaging"] is None
