@@ -87,11 +87,12 @@ DSM_MODELS = {
     NO_SIGMA: dict(uncertainty=False),
     BEFORE: dict(scale_source="scene", fill_holes=False, holdout_fraction=0.2, identity_init=False,
                  relief_augmentation=False, weight_averaging=False),
-    # ResDepth's network as published (randomly initialised, no relief augmentation), in deepdem's pipeline
+    # ResDepth's network as published (randomly initialised, no relief augmentation or weight averaging),
+    # in deepdem's pipeline
     "ResDepth-UNet, DSM only": dict(arch="ResDepth", bands=["dsm"], identity_init=False, relief_augmentation=False,
                                     weight_averaging=False),
     "ResDepth-UNet, stereo": dict(arch="ResDepth", bands=["dsm", "ortho_left", "ortho_right"], identity_init=False,
-                                  relief_augmentation=False),
+                                  relief_augmentation=False, weight_averaging=False),
 }
 CALIBRATION_KEYS = ("coverage_68", "coverage_90", "coverage_95", "spearman", "spearman_if_exact", "sharpness", "mae")
 OWN_SCALE = "deepdem, refined with the scene's own scale factor"
