@@ -120,6 +120,9 @@ def test_config_yaml_round_trip_and_unknown_keys(tmp_path):
     (tmp_path / "bad.yaml").write_text("chip_sise: 64\n")
     with pytest.raises(InputError, match="bad.yaml: unknown parameter\\(s\\) chip_sise"):
         TrainConfig.from_yaml(tmp_path / "bad.yaml")
+    (tmp_path / "switch.yaml").write_text("weight_averaging: maybe\nuncertainty: no\n")
+    with pytest.raises(InputError, match="switch.yaml: expected true or false: weight_averaging: 'maybe'$"):
+        TrainConfig.from_yaml(tmp_path / "switch.yaml")
 
 
 def test_dsm_only_resdepth_and_two_heads_train(prepared_scene, tmp_path):

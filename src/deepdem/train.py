@@ -93,6 +93,11 @@ class TrainConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise InputError(f"unknown parameter(s) {', '.join(unknown)} (see 'deepdem train --print_config')", path)
+        # YAML reads yes/no/true/false as booleans; anything else in a switch is a mistake, not "on"
+        not_switches = [f"{f.name}: {data[f.name]!r}" for f in dataclasses.fields(cls)
+                        if isinstance(f.default, bool) and f.name in data and not isinstance(data[f.name], bool)]
+        if not_switches:
+            raise InputError(f"expected true or false: {', '.join(not_switches)}", path)
         return cls(**{**data, **{k: v for k, v in overrides.items() if v is not None}})
 
     def to_yaml(self, comments: bool = True) -> str:
