@@ -2,7 +2,7 @@
 
 Training calibrates σ with one factor fitted on its validation chips (see
 :func:`deepdem.train.calibrate_sigma`). That factor does not hold at every site: on the held-out
-scenes of the real-terrain benchmark the 68 % interval held 50-84 % of the errors
+scenes of the real-terrain benchmark the 68 % interval held 49-84 % of the errors
 (BENCHMARKS.md). The level of stereo errors belongs to the site (its viewing geometry, its land
 cover) more than to the model, and no input tells the model what it is; a reference patch at the
 site does. Given refine's output over an area where a reference exists (a LIDAR patch, a
