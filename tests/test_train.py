@@ -123,6 +123,11 @@ def test_config_yaml_round_trip_and_unknown_keys(tmp_path):
     (tmp_path / "switch.yaml").write_text("weight_averaging: maybe\nuncertainty: no\n")
     with pytest.raises(InputError, match="switch.yaml: expected true or false: weight_averaging: 'maybe'$"):
         TrainConfig.from_yaml(tmp_path / "switch.yaml")
+    (tmp_path / "progress.yaml").write_text("progress: sometimes\n")
+    with pytest.raises(InputError, match="expected true or false: progress: 'sometimes'$"):
+        TrainConfig.from_yaml(tmp_path / "progress.yaml")
+    (tmp_path / "null.yaml").write_text("progress: null\n")
+    assert TrainConfig.from_yaml(tmp_path / "null.yaml").progress is None
 
 
 def test_dsm_only_resdepth_and_two_heads_train(prepared_scene, tmp_path):

@@ -37,6 +37,11 @@ from .scene import PIXEL_SIZE_TOLERANCE, Scene
 log = logging.getLogger(__name__)
 
 
+def _is_switch(f: dataclasses.Field) -> bool:
+    """A TrainConfig field that is on or off (``progress``: None means "when stderr is a terminal")."""
+    return isinstance(f.default, bool) or f.name == "progress"
+
+
 @dataclass
 class TrainConfig:
     """Every parameter of a training run (YAML keys have the same names)."""
@@ -95,7 +100,8 @@ class TrainConfig:
             raise InputError(f"unknown parameter(s) {', '.join(unknown)} (see 'deepdem train --print_config')", path)
         # YAML reads yes/no/true/false as booleans; anything else in a switch is a mistake, not "on"
         not_switches = [f"{f.name}: {data[f.name]!r}" for f in dataclasses.fields(cls)
-                        if isinstance(f.default, bool) and f.name in data and not isinstance(data[f.name], bool)]
+                        if _is_switch(f) and f.name in data and not isinstance(data[f.name], bool)
+                        and not (data[f.name] is None and f.default is None)]
         if not_switches:
             raise InputError(f"expected true or false: {', '.join(not_switches)}", path)
         return cls(**{**data, **{k: v for k, v in overrides.items() if v is not None}})
@@ -132,7 +138,7 @@ def add_train_arguments(parser) -> None:
             parser.add_argument("--out", help=help_text)
         elif f.name == "bands":
             parser.add_argument("--bands", nargs="+", help=help_text)
-        elif f.name in ("progress", "resume") or isinstance(f.default, bool):
+        elif _is_switch(f):
             parser.add_argument(f"--{f.name.replace('_', '-')}", action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
             kind = type(f.default) if f.default is not None and not isinstance(f.default, str) else str
