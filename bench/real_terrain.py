@@ -104,6 +104,9 @@ ABLATIONS = {
     "deepdem, no weight averaging": dict(weight_averaging=False),
     # not an undone change but a candidate default: the relief changed on a quarter of the chips, not half
     "deepdem, relief on a quarter of the chips": dict(relief_share=0.25),
+    # candidates: capacity (a deeper encoder, fewer steps in the budget), and an edge term in the loss
+    "deepdem, resnet34 encoder": dict(encoder="resnet34"),
+    "deepdem, gradient loss 1": dict(gradient_loss=1.0),
 }
 
 

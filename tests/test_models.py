@@ -1,10 +1,12 @@
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
 
 from deepdem.errors import CheckpointError
 from deepdem.models import (DeepDEMRegressionTask, ResDepthUNet, build_network, export_safetensors,
-                            load_checkpoint, save_checkpoint)
+                            load_checkpoint, masked_gradient_l1, save_checkpoint)
 
 
 @pytest.mark.parametrize("arch", ["Unet", "UnetPlusPlus", "FPN", "DeepLabV3Plus", "ResDepth"])
@@ -133,3 +135,29 @@ def test_checkpoints_keep_their_sigma_head_joint_from_before_the_branch_or_branc
         loaded = load_checkpoint(save_checkpoint(task, tmp_path / "m.ckpt")).eval()
         with torch.no_grad():
             assert torch.equal(loaded(inputs), task.eval()(inputs))
+
+
+def test_gradient_term_is_the_mean_step_error_over_pairs_of_valid_pixels():
+    target = torch.arange(16.0).reshape(1, 1, 4, 4)  # steps of 1 m to the right, 4 m downward
+    valid = torch.ones(1, 1, 4, 4, dtype=torch.bool)
+    assert masked_gradient_l1(torch.zeros_like(target), target, valid).item() == pytest.approx((12 * 1 + 12 * 4) / 24)
+    valid[0, 0, 0, 0] = False  # its right and downward pairs drop out: 11 of each remain
+    assert masked_gradient_l1(torch.zeros_like(target), target, valid).item() == pytest.approx((11 * 1 + 11 * 4) / 22)
+    assert masked_gradient_l1(target + 7.0, target, valid).item() == 0.0  # an offset has the right edges
+
+
+def test_gradient_loss_adds_its_weighted_term_to_the_training_loss_only():
+    torch.manual_seed(0)
+    plain = _task(identity_init=True)
+    weighted = _task(identity_init=True, gradient_loss=0.5)
+    weighted.load_state_dict(plain.state_dict())
+    batch = {"inputs": torch.zeros(1, 2, 64, 64), "base": torch.zeros(1, 1, 64, 64),
+             "scale": torch.ones(1, 1, 1, 1), "valid": torch.ones(1, 1, 64, 64, dtype=torch.bool),
+             "target": torch.arange(64.0).expand(1, 1, 64, 64).clone()}  # 1 m steps along rows
+    step = masked_gradient_l1(torch.zeros(1, 1, 64, 64), batch["target"], batch["valid"]).item()
+    assert step == pytest.approx(0.5)  # half the pairs step 1 m, half 0 m
+    for task in (plain, weighted):  # a step outside a Trainer: one process, nothing logged
+        task._trainer = SimpleNamespace(world_size=1)
+        task.log = lambda *args, **kwargs: None
+    assert weighted._shared_step(batch, "train").item() == pytest.approx(plain._shared_step(batch, "train").item() + 0.5 * step)
+    assert weighted._shared_step(batch, "val").item() == pytest.approx(plain._shared_step(batch, "val").item())

@@ -141,6 +141,20 @@ def masked_l1(prediction: torch.Tensor, target: torch.Tensor, valid: torch.Tenso
     return (torch.abs(prediction - target) * valid).sum() / valid.sum().clamp_min(1.0)
 
 
+def masked_gradient_l1(prediction: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Mean absolute error of the height steps to the right and downward neighbour, in metres,
+    over pairs of valid pixels (0 when a batch has none)."""
+    total = prediction.new_zeros(())
+    count = prediction.new_zeros(())
+    for dim in (-1, -2):
+        n = prediction.shape[dim] - 1
+        pairs = (valid.narrow(dim, 1, n) & valid.narrow(dim, 0, n)).to(prediction.dtype)
+        step = (prediction.narrow(dim, 1, n) - prediction.narrow(dim, 0, n)) - (target.narrow(dim, 1, n) - target.narrow(dim, 0, n))
+        total = total + (step.abs() * pairs).sum()
+        count = count + pairs.sum()
+    return total / count.clamp_min(1.0)
+
+
 def laplace_scale(raw: torch.Tensor) -> torch.Tensor:
     """The σ head's raw output → a Laplace scale b > 0 (normalised units).
 
@@ -168,7 +182,8 @@ class DeepDEMRegressionTask(L.LightningModule):
     ``model_kwargs`` (JSON-like) carries: ``bands``, ``chip_size``, ``target`` ('dsm', 'dtm' or
     'both' for two heads), ``arch``, ``encoder``, ``GSF_DICT`` (training scale factor per chip
     size), ``scale_source``, ``datapath`` (training scenes), ``normalisation``, the optimiser
-    settings (``lr``, ``lr_patience``), and for a model with σ ``uncertainty`` ('laplace') and
+    settings (``lr``, ``lr_patience``), ``gradient_loss`` (the weight of :func:`masked_gradient_l1`
+    in the training loss; absent or 0: none), and for a model with σ ``uncertainty`` ('laplace') and
     ``sigma_head`` ('branch': a :class:`SigmaBranch`; absent in earlier checkpoints, whose one
     output layer gives the residuals and σ alike).
     """
@@ -272,6 +287,12 @@ class DeepDEMRegressionTask(L.LightningModule):
         batch_size = batch["inputs"].shape[0]
         sync = self.trainer is not None and self.trainer.world_size > 1
         self.log(f"{stage}_l1", loss, prog_bar=True, batch_size=batch_size, on_epoch=True, on_step=False, sync_dist=sync)
+        gradient_weight = float(self.model_kwargs.get("gradient_loss", 0.0))
+        if gradient_weight and stage == "train":
+            steps = sum(masked_gradient_l1(prediction[:, i : i + 1], target[:, i : i + 1], valid[:, i : i + 1])
+                        for i in range(len(self.targets)))
+            self.log("train_gradient_l1", steps, batch_size=batch_size, on_epoch=True, on_step=False, sync_dist=sync)
+            loss = loss + gradient_weight * steps
         if scale is not None:
             # In metres, so that the NLL's log b is comparable between scenes of other scales.
             scale_m = scale * batch["scale"]

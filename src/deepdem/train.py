@@ -68,6 +68,7 @@ class TrainConfig:
     fill_holes: bool = field(default=True, metadata={"help": "fill the DSM's holes by inverse-distance weighting before normalising"})
     relief_augmentation: bool = field(default=True, metadata={"help": "stretch (0.7-3x) and tilt (up to 40 deg) the relief of a share of the training chips (--relief-share), DSM and truth alike"})
     relief_share: float = field(default=0.5, metadata={"help": "share of the training chips whose relief is changed, with --relief-augmentation (0-1)"})
+    gradient_loss: float = field(default=0.0, metadata={"help": "weight of an L1 term on the height differences between neighbouring pixels (edges), beside the L1 on heights"})
     uncertainty: bool = field(default=True, metadata={"help": "learn a per-pixel sigma beside each height (Laplace NLL, the mean still trained by L1) and calibrate it on the validation chips; refine then writes <out>_sigma.tif"})
     weight_averaging: bool = field(default=True, metadata={"help": "validate, keep and refine with a running average of the weights that leans on the run's last steps (TrailingWeightAverage)"})
     swap_images: bool = field(default=True, metadata={"help": "randomly swap the left and right images while training"})
@@ -156,6 +157,7 @@ FLAG_TYPES = {
     "chip_size": number(int, 32), "batch_size": positive_int, "samples_per_epoch": positive_int,
     "max_epochs": positive_int, "max_minutes": positive, "lr": positive, "lr_patience": non_negative_int,
     "early_stopping_patience": non_negative_int, "holdout_fraction": fraction, "relief_share": share,
+    "gradient_loss": number(float, 0),
     "num_nodes": positive_int, "num_workers": non_negative_int, "devices": _int_or_str,
 }
 FLAG_CHOICES = {
@@ -415,6 +417,7 @@ def _model_kwargs(config: TrainConfig, bands: list[str], gsf: dict[str, float], 
         "scale_source": config.scale_source,
         "dsm_holes": "idw" if config.fill_holes else "mean",
         "identity_init": config.identity_init,
+        "gradient_loss": config.gradient_loss,
         "relief_augmentation": config.relief_augmentation,
         "relief_share": config.relief_share if config.relief_augmentation else 0.0,
         "uncertainty": "laplace" if config.uncertainty else None,
