@@ -1,4 +1,6 @@
 import json
+import os
+import random
 
 import numpy as np
 import pytest
@@ -64,6 +66,33 @@ def test_short_training_run_writes_a_checkpoint_refine_can_use(prepared_scene, t
     legacy = DeepDEMRegressionTask.load_from_checkpoint(result.checkpoint, map_location="cpu")
     assert legacy.model_kwargs["bands"] == kwargs["bands"]
     assert np.isfinite(result.best_val_mae)
+
+
+def test_training_leaves_the_callers_random_streams_and_precision_as_they_were(prepared_scene, tmp_path, monkeypatch):
+    monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)
+    monkeypatch.delenv("PL_SEED_WORKERS", raising=False)
+    previous_precision = torch.get_float32_matmul_precision()
+
+    def seed_the_caller():
+        random.seed(11)
+        np.random.seed(11)
+        torch.manual_seed(11)
+
+    seed_the_caller()
+    expected = (random.random(), np.random.rand(3), torch.rand(3))  # what the caller's streams give next
+    seed_the_caller()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        train([prepared_scene], tmp_path / "run", chip_size=64, batch_size=4, max_epochs=1, samples_per_epoch=4,
+              progress=False, seed=3)
+        after = (random.random(), np.random.rand(3), torch.rand(3))
+        assert torch.get_float32_matmul_precision() == "highest"
+    finally:
+        torch.set_float32_matmul_precision(previous_precision)
+    assert after[0] == expected[0]
+    np.testing.assert_array_equal(after[1], expected[1])
+    assert torch.equal(after[2], expected[2])
+    assert "PL_GLOBAL_SEED" not in os.environ and "PL_SEED_WORKERS" not in os.environ
 
 
 def test_scene_smaller_than_the_chip_is_refused_naming_the_largest_that_fits(prepared_scene, tmp_path):

@@ -9,10 +9,12 @@ printable (``--print_config``) and stored in the run directory.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
+import random
 import sys
 import time
 from dataclasses import dataclass, field
@@ -277,7 +279,38 @@ def train(scenes: Sequence[str | os.PathLike | Scene] | None = None, out: str | 
         config.scenes = [s if isinstance(s, Scene) else str(s) for s in scenes]
     if out is not None:
         config.out = str(out)
-    return _train(config, list(callbacks))
+    with _callers_process_state():
+        return _train(config, list(callbacks))
+
+
+#: What Lightning's ``seed_everything`` leaves in the environment for its data-loader workers.
+_SEED_ENVIRONMENT = ("PL_GLOBAL_SEED", "PL_SEED_WORKERS")
+
+
+@contextlib.contextmanager
+def _callers_process_state():
+    """Puts back what a run sets for the whole process: the random generators (seeded for the
+    run), the seed's environment variables and torch's float32 matmul precision. A notebook or
+    script that calls :func:`train` goes on with its own random streams and precision."""
+    python_state, numpy_state, torch_state = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    # A CUDA generator not yet initialised has no state of the caller's to keep.
+    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    environment = {name: os.environ.get(name) for name in _SEED_ENVIRONMENT}
+    precision = torch.get_float32_matmul_precision()
+    try:
+        yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+        torch.set_rng_state(torch_state)
+        if cuda_states is not None:
+            torch.cuda.set_rng_state_all(cuda_states)
+        for name, value in environment.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        torch.set_float32_matmul_precision(precision)
 
 
 def _check_values(config: TrainConfig) -> None:
