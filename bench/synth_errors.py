@@ -3,8 +3,10 @@
 For every site of ``bench/real_terrain.py`` (its gridded truths and ASP-like runs are reused from
 its working folder, or made there), the initial DSM of each generator — ``model`` (the
 statistical model of ASP's errors) and ``sgbm`` (views rendered and matched by OpenCV's
-semi-global matcher) — is compared with the truth: holes, and the error's median, NMAD and MAE
-on open ground by slope, under canopy and at building edges.
+semi-global matcher) — is compared with the truth: holes, how well the triangulation-error map
+ranks the error (a network reads it as an input, so a map that knows where the DSM is wrong
+flatters a model's scores), and the error's median, NMAD and MAE on open ground by slope, under
+canopy and at building edges.
 
     python bench/synth_errors.py [--write]
 """
@@ -23,6 +25,7 @@ from _report import update_benchmarks  # noqa: E402
 from real_terrain import ERRORS, build_scenes, default_work  # noqa: E402
 
 from deepdem.evaluate import error_metrics  # noqa: E402
+from deepdem.uncertainty import calibration_metrics  # noqa: E402
 from deepdem.products import slope_degrees  # noqa: E402
 
 
@@ -52,14 +55,18 @@ def main() -> None:
     args = parser.parse_args()
     scenes = build_scenes(Path(args.work))
     names = ["open, slope < 10°", "open, slope ≥ 10°", "canopy", "building edges (±2 px)"]
-    rows = ["| site | errors | holes | " + " | ".join(f"{n}: median / NMAD / MAE (m)" for n in names) + " |",
-            "|---|---|---:|" + "---:|" * len(names)]
+    rows = ["| site | errors | holes | triangulation error ~ abs(error), Spearman | "
+            + " | ".join(f"{n}: median / NMAD / MAE (m)" for n in names) + " |",
+            "|---|---|---:|---:|" + "---:|" * len(names)]
     totals: dict[str, dict[str, list]] = {e: {n: [] for n in names} for e in ERRORS}
     for (site, errors), scene in scenes.items():
         valid_truth = np.isfinite(scene.read("truth_dsm"))
         dsm = scene.read("dsm")
         error = dsm - scene.read("truth_dsm")
         holes = np.isnan(dsm)[valid_truth].mean()
+        # The map read as a σ of the error: its rank correlation with |error| is what the
+        # evaluation reports for a σ, on the pixels where the error and the map are both known.
+        ranking = calibration_metrics(error, scene.read("triangulation_error"))["spearman"]
         cells = []
         for name, mask in strata(scene).items():
             where = mask & np.isfinite(error)
@@ -69,7 +76,7 @@ def main() -> None:
             m = error_metrics(error[where])
             totals[errors][name].append(error[where])
             cells.append(f"{m['median']:+.2f} / {m['nmad']:.2f} / {m['mae']:.2f}")
-        rows.append(f"| {site} | {errors} | {holes:.0%} | " + " | ".join(cells) + " |")
+        rows.append(f"| {site} | {errors} | {holes:.0%} | {ranking:.2f} | " + " | ".join(cells) + " |")
     for errors in ERRORS:
         cells = []
         for name in names:
@@ -78,9 +85,10 @@ def main() -> None:
                 cells.append(f"{m['median']:+.2f} / {m['nmad']:.2f} / {m['mae']:.2f}")
             else:
                 cells.append("")
-        rows.append(f"| all sites | {errors} | | " + " | ".join(cells) + " |")
+        rows.append(f"| all sites | {errors} | | | " + " | ".join(cells) + " |")
     rows += ["", "Errors are initial DSM − LIDAR truth on the pixels where both have data; holes are the share of "
-             "the truth's pixels the initial DSM leaves empty. Canopy: more than 2.5 m above the LIDAR DTM with "
+             "the truth's pixels the initial DSM leaves empty; the triangulation error's Spearman rank "
+             "correlation with |error| is over every pixel where both are known and the map is above 0 (1: it ranks the errors exactly). Canopy: more than 2.5 m above the LIDAR DTM with "
              "NDVI ≥ 0.3; building edges: within 2 px of the boundary of the other raised objects; open ground: "
              "more than 2 px from any raised object, by the slope of the LIDAR DTM."]
     print("\n".join(rows))
