@@ -25,8 +25,8 @@ from _report import update_benchmarks  # noqa: E402
 from real_terrain import ERRORS, build_scenes, default_work  # noqa: E402
 
 from deepdem.evaluate import error_metrics  # noqa: E402
-from deepdem.uncertainty import calibration_metrics  # noqa: E402
 from deepdem.products import slope_degrees  # noqa: E402
+from deepdem.uncertainty import calibration_metrics  # noqa: E402
 
 
 def strata(scene) -> dict[str, np.ndarray]:
