@@ -516,9 +516,13 @@ def ablation_tables(results: dict, seeds: list[int], seconds: float) -> list[str
     if results.get("epochs"):
         # A CPU-time budget buys more epochs on a faster machine, and a short run's ablation can change
         # sign with its length: the epochs say which regime the table measured.
-        rows[-1] += " Median epochs of 512 chips: " + ", ".join(
-            f"{m} {np.median(v):g}" for m, v in results["epochs"].items()) + "."
+        rows[-1] += f" Median epochs of 512 chips: {median_epochs(results)}."
     return rows
+
+
+def median_epochs(results: dict) -> str:
+    """Each model's median number of epochs over the seeds, as one phrase."""
+    return ", ".join(f"{m} {np.median(v):g}" for m, v in results["epochs"].items())
 
 
 def tables(results: dict, seeds: list[int], seconds: float) -> list[str]:
@@ -575,10 +579,9 @@ def tables(results: dict, seeds: list[int], seconds: float) -> list[str]:
         rows += [f"| {' | '.join(k.split('|'))} | {a:.3f} | {b:.3f} |" for k, a, b in worse[:15]]
         if len(worse) > 15:
             rows.append(f"| … {len(worse) - 15} more (`results.json` in the working folder) | | | | |")
-    epochs = ", ".join(f"{m} {np.median(v):g}" for m, v in results["epochs"].items())
     rows += ["", f"Training: sites {', '.join(s for s, v in SITES.items() if v[1] == 'train')}, both error kinds "
              f"(6 scenes); seeds {', '.join(map(str, seeds))}; {seconds:.0f} s of process CPU time per model; chips of "
-             f"{CHIP} px, batch 16, bf16 autocast. Median epochs of 512 chips: {epochs}. Scores on the pixels valid "
+             f"{CHIP} px, batch 16, bf16 autocast. Median epochs of 512 chips: {median_epochs(results)}. Scores on the pixels valid "
              "in the truth and in the inputs (refine's output mask)."]
     return rows
 

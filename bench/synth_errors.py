@@ -60,10 +60,9 @@ def main() -> None:
             "|---|---|---:|---:|" + "---:|" * len(names)]
     totals: dict[str, dict[str, list]] = {e: {n: [] for n in names} for e in ERRORS}
     for (site, errors), scene in scenes.items():
-        valid_truth = np.isfinite(scene.read("truth_dsm"))
-        dsm = scene.read("dsm")
-        error = dsm - scene.read("truth_dsm")
-        holes = np.isnan(dsm)[valid_truth].mean()
+        truth, dsm = scene.read("truth_dsm"), scene.read("dsm")
+        error = dsm - truth
+        holes = np.isnan(dsm)[np.isfinite(truth)].mean()
         # The map read as a σ of the error: its rank correlation with |error| is what the
         # evaluation reports for a σ, on the pixels where the error and the map are both known.
         ranking = calibration_metrics(error, scene.read("triangulation_error"))["spearman"]
@@ -88,7 +87,8 @@ def main() -> None:
         rows.append(f"| all sites | {errors} | | | " + " | ".join(cells) + " |")
     rows += ["", "Errors are initial DSM − LIDAR truth on the pixels where both have data; holes are the share of "
              "the truth's pixels the initial DSM leaves empty; the triangulation error's Spearman rank "
-             "correlation with |error| is over every pixel where both are known and the map is above 0 (1: it ranks the errors exactly). Canopy: more than 2.5 m above the LIDAR DTM with "
+             "correlation with |error| is over every pixel where both are known and the map is above 0 (1: it "
+             "ranks the errors exactly). Canopy: more than 2.5 m above the LIDAR DTM with "
              "NDVI ≥ 0.3; building edges: within 2 px of the boundary of the other raised objects; open ground: "
              "more than 2 px from any raised object, by the slope of the LIDAR DTM."]
     print("\n".join(rows))
