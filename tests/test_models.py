@@ -161,3 +161,9 @@ def test_gradient_loss_adds_its_weighted_term_to_the_training_loss_only():
         task.log = lambda *args, **kwargs: None
     assert weighted._shared_step(batch, "train").item() == pytest.approx(plain._shared_step(batch, "train").item() + 0.5 * step)
     assert weighted._shared_step(batch, "val").item() == pytest.approx(plain._shared_step(batch, "val").item())
+
+
+def test_adam_uses_the_fused_kernel_on_the_cpu():
+    task = DeepDEMRegressionTask(arch="ResDepth", in_channels=1)
+    optimizer = task.configure_optimizers()["optimizer"]
+    assert optimizer.defaults["fused"] is True

@@ -535,3 +535,13 @@ def test_the_checkpoint_holds_the_averaged_weights_not_the_last_ones(prepared_sc
                        samples_per_epoch=4, weight_averaging=False, progress=False)
     assert "current_model_state" not in torch.load(tmp_path / "plain" / "checkpoints" / "last.ckpt", weights_only=True)
     assert load_checkpoint(unaveraged.checkpoint).model_kwargs["weight_averaging"] is None
+
+
+
+def test_last_checkpoint_links_to_the_best_one_instead_of_copying_it(prepared_scene, tmp_path):
+    train([prepared_scene], tmp_path / "run", chip_size=64, batch_size=2, max_epochs=3, samples_per_epoch=2,
+          arch="ResDepth", bands=["dsm"], progress=False)
+    checkpoints = tmp_path / "run" / "checkpoints"
+    (best,) = checkpoints.glob("best-*.ckpt")
+    assert (checkpoints / "last.ckpt").resolve() == best.resolve()
+    assert len([p for p in checkpoints.iterdir() if not p.is_symlink()]) == 1  # one file written, not two
