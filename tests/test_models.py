@@ -164,6 +164,6 @@ def test_gradient_loss_adds_its_weighted_term_to_the_training_loss_only():
 
 
 def test_adam_uses_the_fused_kernel_on_the_cpu():
-    task = DeepDEMRegressionTask(arch="ResDepth", in_channels=1)
+    task = DeepDEMRegressionTask({"bands": ["dsm"], "chip_size": 64, "arch": "ResDepth"})
     optimizer = task.configure_optimizers()["optimizer"]
     assert optimizer.defaults["fused"] is True
