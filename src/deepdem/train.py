@@ -493,8 +493,8 @@ def _trainer(config: TrainConfig, out: Path, progress: bool, extra_callbacks: li
     if precision == "auto":
         precision = "bf16-mixed" if (not torch.cuda.is_available() or torch.cuda.is_bf16_supported()) else "16-mixed"
     # Lightning writes last.ckpt only in the epochs that write a best one; "link" makes it a link to
-    # that file instead of a second copy of it (230 MB for a resnet18 UNet with its optimiser state:
-    # on 2 CPU cores, a 64-px-chip run spent about a tenth of its time writing the two copies).
+    # that file instead of a second copy (230 MB for a resnet18 UNet: weights, their average and the
+    # optimiser's moments), which a 64-px-chip run on 2 CPU cores wrote in most of its epochs.
     checkpointing = ModelCheckpoint(dirpath=out / "checkpoints", filename="best-epoch{epoch:03d}", monitor="val_mae",
                                     mode="min", save_top_k=1, save_last="link", auto_insert_metric_name=False)
     callbacks = [
