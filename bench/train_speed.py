@@ -37,6 +37,7 @@ from _report import update_benchmarks  # noqa: E402
 from real_terrain import plain_unet_train  # noqa: E402
 from refine import export_source  # noqa: E402
 
+from deepdem.flags import number, positive_int  # noqa: E402
 from deepdem.prepare import prepare_from_asp_dir  # noqa: E402
 from deepdem.scene import Scene  # noqa: E402
 from deepdem.synth import synth_scene  # noqa: E402
@@ -49,9 +50,13 @@ def deepdem_epochs_per_minute(scene: Scene, run_dir: Path, seconds: float, sourc
     env = dict(os.environ)
     if source is not None:
         env["PYTHONPATH"] = os.pathsep.join([str(source), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    subprocess.run([sys.executable, "-m", "deepdem", "train", "--scene", str(scene.path), "--out", str(run_dir),
-                    "--chip-size", str(CHIP), "--max-minutes", str(seconds / 60), "--seed", "0", "--no-progress"],
-                   env=env, stdout=subprocess.DEVNULL, check=True)
+    done = subprocess.run([sys.executable, "-m", "deepdem", "train", "--scene", str(scene.path), "--out", str(run_dir),
+                           "--chip-size", str(CHIP), "--max-minutes", str(seconds / 60), "--seed", "0", "--no-progress"],
+                          env=env, stdout=subprocess.DEVNULL)
+    if done.returncode:  # deepdem's own one-line error has gone to stderr
+        print(f"train_speed.py: error: 'deepdem train' failed (exit {done.returncode}) with the package in "
+              f"{source or 'the environment'}; no results written", file=sys.stderr)
+        raise SystemExit(2)
     with open(run_dir / "logs" / "metrics.csv") as f:
         steps = max(int(row["step"]) for row in csv.DictReader(f) if row["step"])
     return steps * BATCH / EPOCH_CHIPS / (seconds / 60)
@@ -68,11 +73,15 @@ def spread(values: list[float]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--seconds", type=float, default=90.0, help="training seconds of each run")
+    parser.add_argument("--rounds", type=positive_int, default=3)
+    parser.add_argument("--seconds", type=number(float, 10), default=90.0,
+                        help="training seconds of each run (at least 10: a few epochs to count)")
     parser.add_argument("--against", metavar="REV", help="also time the package at this git revision")
     parser.add_argument("--write", action="store_true", help="update BENCHMARKS.md")
     args = parser.parse_args()
+    if args.against and subprocess.run(["git", "-C", str(Path(__file__).parent), "rev-parse", "--verify", "--quiet",
+                                        f"{args.against}^{{commit}}"], capture_output=True).returncode:
+        parser.error(f"--against: {args.against!r} is not a commit of this repository")
 
     speeds: dict[str, list[float]] = {"ours": [], "then": [], "plain": []}
     with tempfile.TemporaryDirectory() as tmp:
