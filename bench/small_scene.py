@@ -16,8 +16,15 @@ for the same wall-clock minutes, the simplest alternative a user could write. ``
 runs deepdem again with extra ``deepdem train`` flags (a default under test) and adds a table of
 it against the defaults, seed by seed.
 
+``--fine-tune`` measures what a checkpoint trained elsewhere gives a user of the check: one model
+is trained on the benchmark's other training sites (both error kinds, the same chip and minutes),
+then ``deepdem train --init`` fine-tunes it on the crop for the check's minutes, beside the
+defaults seed by seed; the fine-tuned model, the defaults and the checkpoint alone refine the
+unseen scenes. It keeps its own results and writes its own BENCHMARKS.md section.
+
     python bench/small_scene.py [--seeds 0 1 2] [--minutes 8] [--only deepdem plain] [--write]
     python bench/small_scene.py --variant="--relief-share 0.25" --write
+    python bench/small_scene.py --fine-tune --write
 """
 
 from __future__ import annotations
@@ -48,6 +55,7 @@ CROP = Window(col_off=100, row_off=100, width=200, height=200)  # 100 m at 0.5 m
 CHIP = 64
 METHODS = ("deepdem", "plain")
 VARIANT = "deepdem "  # a variant's results are kept under "deepdem <its train flags>"
+FINE_TUNED, PRETRAINED = "fine-tuned", "pretrained"  # --fine-tune's results
 
 
 def crop_scene(scene: Scene, window: Window, out: Path) -> Scene:
@@ -68,18 +76,30 @@ def deepdem(*args: str) -> None:
         raise SystemExit(2)
 
 
-def deepdem_run(training: Scene, tests: dict[str, Scene], run_dir: Path, seed: int, minutes: float,
+def deepdem_run(training: Scene | list[Scene], tests: dict[str, Scene], run_dir: Path, seed: int, minutes: float,
                 train_flags: tuple[str, ...] = ()):
     """deepdem through its CLI: train (with ``train_flags`` added), then refine each unseen scene at the defaults."""
-    deepdem("train", "--scene", str(training.path), "--out", str(run_dir), "--chip-size", str(CHIP),
+    scene_flags = [arg for scene in (training if isinstance(training, list) else [training])
+                   for arg in ("--scene", str(scene.path))]
+    deepdem("train", *scene_flags, "--out", str(run_dir), "--chip-size", str(CHIP),
             "--max-minutes", str(minutes), "--seed", str(seed), "--no-progress", *train_flags)
+    return refine_all(run_dir, tests), json.loads((run_dir / "train.json").read_text())["epochs"]
+
+
+def refine_all(run_dir: Path, tests: dict[str, Scene]) -> dict[str, np.ndarray]:
+    """``deepdem refine`` at its defaults with the run's best checkpoint, on each unseen scene."""
     refined = {}
     for site, scene in tests.items():
-        out = run_dir / f"refined-{list(SITES).index(site)}.tif"
+        out = run_dir / f"refined-{list(SITES).index(site)}-{scene.path.name}.tif"
         deepdem("refine", "--checkpoint", str(run_dir / "best.ckpt"), "--scene", str(scene.path),
                 "--out", str(out), "--quiet")
         refined[site] = read_refined(out)
-    return refined, json.loads((run_dir / "train.json").read_text())["epochs"]
+    return refined
+
+
+def pretraining_sites(scenes: dict) -> list[Scene]:
+    """The benchmark's training scenes of the sites other than the crop's: what 'trained elsewhere' means here."""
+    return [scene for (site, _), scene in scenes.items() if SITES[site][1] == "train" and site != TRAINING_SITE]
 
 
 def plain_run(training: Scene, tests: dict[str, Scene], seed: int, minutes: float):
@@ -99,9 +119,17 @@ def run(work: Path, seeds: list[int], minutes: float, methods: list[str], result
             del results[stale]
     for method in methods:
         results[method] = {"ratio": {}, "worse_strata": {}, "epochs": {}, "seeds": seeds, "minutes": minutes}
+    if FINE_TUNED in methods:  # one checkpoint for every seed and error kind, as a user downloads one
+        results[PRETRAINED] = {"ratio": {}, "worse_strata": {}, "epochs": {}, "seeds": [0], "minutes": minutes,
+                               "sites": sorted({site for (site, _) in scenes if SITES[site][1] == "train"} - {TRAINING_SITE})}
+        pretrained = work / "small-run-pretrained"
+        deepdem_run(pretraining_sites(scenes), {}, pretrained, 0, minutes)
     for errors in ERRORS:
         training = crop_scene(scenes[(TRAINING_SITE, errors)], CROP, work / f"small-scene-{errors}")
         tests = {site: scene for (site, kind), scene in scenes.items() if kind == errors and SITES[site][1] == "test"}
+        if FINE_TUNED in methods:
+            record(results[PRETRAINED], errors, tests, refine_all(pretrained, tests),
+                   json.loads((pretrained / "train.json").read_text())["epochs"])
         for seed in seeds:
             for method in methods:
                 if method == "deepdem":
@@ -110,6 +138,9 @@ def run(work: Path, seeds: list[int], minutes: float, methods: list[str], result
                     flags = method[len(VARIANT):]
                     run_dir = work / f"small-run-{re.sub(r'[^A-Za-z0-9.]+', '_', flags).strip('_')}-{errors}-{seed}"
                     refined, epochs = deepdem_run(training, tests, run_dir, seed, minutes, tuple(shlex.split(flags)))
+                elif method == FINE_TUNED:
+                    refined, epochs = deepdem_run(training, tests, work / f"small-run-fine-tuned-{errors}-{seed}", seed,
+                                                  minutes, ("--init", str(pretrained / "best.ckpt")))
                 else:
                     refined, epochs = plain_run(training, tests, seed, minutes)
                 record(results[method], errors, tests, refined, epochs)
@@ -160,18 +191,41 @@ def tables(results: dict) -> list[str]:
              f"{epochs}. The check asks for a ratio ≤ 0.60 on both unseen scenes (the tile of the same city "
              "and the forest) and no scene above 1.0."]
     for method in sorted(m for m in results if m.startswith(VARIANT)):
-        rows += ["", *variant_table(method, results[method], ours)]
+        flags = method[len(VARIANT):]
+        rows += ["", f"deepdem with `{flags}` against the defaults of the table above (same seeds, minutes and "
+                 "crop; trained after them, on the same quiet machine):", "",
+                 *variant_table(f"`{flags}`", results[method], ours)]
     return rows
 
 
-def variant_table(method: str, variant: dict, ours: dict) -> list[str]:
-    """A deepdem variant against the defaults: medians, and the ratio seed by seed (same seed, same chips)."""
-    flags = method[len(VARIANT):]
-    rows = [f"deepdem with `{flags}` against the defaults of the table above (same seeds, minutes and crop; "
-            "trained after them, on the same quiet machine):", "",
-            f"| unseen site | errors | `{flags}` ÷ initial MAE, median (min–max) | defaults ÷ initial | "
-            f"`{flags}` ÷ defaults, seed by seed | strata worse than the initial DSM, per seed |",
-            "|---|---|---:|---:|---|---|"]
+def fine_tune_tables(results: dict) -> list[str]:
+    """--fine-tune's run: the fine-tuned model against the defaults trained beside it, and the checkpoint alone."""
+    ours, pretrained = results["deepdem"], results[PRETRAINED]
+    seeds, minutes = ours["seeds"], ours["minutes"]
+    epochs = "; ".join(f"{name} " + ", ".join(f"{errors} {np.median(e):.0f}" for errors, e in results[key]["epochs"].items())
+                       for name, key in (("defaults", "deepdem"), ("fine-tuned", FINE_TUNED)))
+    return [*variant_table("fine-tuned", results[FINE_TUNED], ours, {"checkpoint alone ÷ initial": pretrained}), "",
+            f"The checkpoint: `deepdem train` on {' and '.join(pretrained['sites'])} (both error kinds, chip {CHIP}, "
+            f"{minutes:g} wall-clock minutes, seed 0; {np.median(sum(pretrained['epochs'].values(), [])):.0f} epochs "
+            f"of 512 chips), trained elsewhere as far as the check is concerned: neither the crop's site nor an "
+            f"unseen one. Fine-tuned: `deepdem train --init` from it with the check's `--chip-size {CHIP} "
+            f"--max-minutes {minutes:g}` on the 100 × 100 m crop of {TRAINING_SITE}; defaults: the same command "
+            f"without `--init`, run beside it seed by seed (seeds {', '.join(map(str, seeds))}) on the same quiet "
+            f"machine. Both refine at the defaults. Median epochs of 512 chips on the crop: {epochs}. The "
+            "checkpoint alone refines the unseen scenes without fine-tuning."]
+
+
+def variant_table(label: str, variant: dict, ours: dict, references: dict[str, dict] | None = None) -> list[str]:
+    """A deepdem variant against the defaults: medians, and the ratio seed by seed (same seed, same chips).
+
+    ``references`` adds a column of ratios ÷ initial per named result (e.g. the checkpoint a variant
+    starts from).
+    """
+    references = references or {}
+    rows = [f"| unseen site | errors | {label} ÷ initial MAE, median (min–max) | defaults ÷ initial | "
+            f"{label} ÷ defaults, seed by seed | strata worse than the initial DSM, per seed |"
+            + "".join(f" {name} |" for name in references),
+            "|---|---|---:|---:|---|---|" + "---:|" * len(references)]
     better = total = 0
     for key, ratios in variant["ratio"].items():
         site, errors = key.split("|")
@@ -180,8 +234,10 @@ def variant_table(method: str, variant: dict, ours: dict) -> list[str]:
         better += sum(v < d for v, d in zip(ratios, defaults))
         total += len(paired)
         worse = "; ".join(str(len(w)) for w in variant["worse_strata"][key])
-        rows.append(f"| {site} | {errors} | {range_cell(ratios)} | {range_cell(defaults)} | {', '.join(paired)} | {worse} |")
-    rows += ["", f"`{flags}` has the lower MAE in {better} of {total} (scene, seed) pairs."]
+        extra = "".join(f" {range_cell(ref['ratio'][key])} |" for ref in references.values())
+        rows.append(f"| {site} | {errors} | {range_cell(ratios)} | {range_cell(defaults)} | {', '.join(paired)} | "
+                    f"{worse} |{extra}")
+    rows += ["", f"{label[0].upper()}{label[1:]} has the lower MAE in {better} of {total} (scene, seed) pairs."]
     return rows
 
 
@@ -196,15 +252,30 @@ def main() -> None:
     parser.add_argument("--variant", metavar="FLAGS",
                         help="run only deepdem with these extra 'deepdem train' flags (quoted, e.g. "
                         "--variant=\"--relief-share 0.25\") and compare it with the last defaults run")
+    parser.add_argument("--fine-tune", action="store_true",
+                        help="run deepdem fine-tuned (--init) from a model trained on the other training sites, "
+                        "beside the defaults, seed by seed (its own results and BENCHMARKS.md section)")
     parser.add_argument("--tables-only", action="store_true", help="print (and --write) the tables of the last run")
     parser.add_argument("--write", action="store_true", help="update BENCHMARKS.md")
     args = parser.parse_args()
+    if args.fine_tune and (args.variant is not None or args.tables_only):
+        parser.error("--fine-tune runs its own comparison: give it without --variant or --tables-only")
     if args.variant is not None:
         if not args.variant.strip():
             parser.error("--variant: give the extra 'deepdem train' flags")
         args.only = [VARIANT + " ".join(shlex.split(args.variant))]
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
+    if args.fine_tune:
+        results = run(work, args.seeds, args.minutes, ["deepdem", FINE_TUNED], {})
+        (work / "small-scene-fine-tune.json").write_text(json.dumps(results, indent=1))
+        rows = fine_tune_tables(results)
+        print("\n".join(rows))
+        if args.write:
+            update_benchmarks("Small-scene check: fine-tuning from a checkpoint trained elsewhere",
+                              f"python bench/small_scene.py --seeds {' '.join(map(str, args.seeds))} "
+                              f"--minutes {args.minutes:g} --fine-tune --write", rows)
+        return
     results_file = work / "small-scene.json"
     earlier = json.loads(results_file.read_text()) if results_file.exists() else {}
     if args.tables_only or "deepdem" not in args.only:
