@@ -22,9 +22,14 @@ then ``deepdem train --init`` fine-tunes it on the crop for the check's minutes,
 defaults seed by seed; the fine-tuned model, the defaults and the checkpoint alone refine the
 unseen scenes. It keeps its own results and writes its own BENCHMARKS.md section.
 
+``--tta`` measures ``deepdem refine --tta`` (the 8 flips and rotations of each chip averaged, 8×
+the compute): each seed's defaults run refines the unseen scenes twice, at the defaults and with
+``--tta``, so the two differ only in the refining. Its own results and section too.
+
     python bench/small_scene.py [--seeds 0 1 2] [--minutes 8] [--only deepdem plain] [--write]
     python bench/small_scene.py --variant="--relief-share 0.25" --write
     python bench/small_scene.py --fine-tune --write
+    python bench/small_scene.py --tta --write
 """
 
 from __future__ import annotations
@@ -56,6 +61,7 @@ CHIP = 64
 METHODS = ("deepdem", "plain")
 VARIANT = "deepdem "  # a variant's results are kept under "deepdem <its train flags>"
 FINE_TUNED, PRETRAINED = "fine-tuned", "pretrained"  # --fine-tune's results
+TTA_REFINED = "refined with --tta"  # --tta's results: the defaults' checkpoints refined again
 
 
 def crop_scene(scene: Scene, window: Window, out: Path) -> Scene:
@@ -86,13 +92,14 @@ def deepdem_run(training: Scene | list[Scene], tests: dict[str, Scene], run_dir:
     return refine_all(run_dir, tests), json.loads((run_dir / "train.json").read_text())["epochs"]
 
 
-def refine_all(run_dir: Path, tests: dict[str, Scene]) -> dict[str, np.ndarray]:
-    """``deepdem refine`` at its defaults with the run's best checkpoint, on each unseen scene."""
+def refine_all(run_dir: Path, tests: dict[str, Scene], refine_flags: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+    """``deepdem refine`` at its defaults (with ``refine_flags`` added) and the run's best checkpoint, on each unseen scene."""
     refined = {}
+    suffix = re.sub(r"[^A-Za-z0-9.]+", "_", " ".join(refine_flags)).strip("_")
     for site, scene in tests.items():
-        out = run_dir / f"refined-{list(SITES).index(site)}-{scene.path.name}.tif"
+        out = run_dir / f"refined-{list(SITES).index(site)}-{scene.path.name}{'-' + suffix if suffix else ''}.tif"
         deepdem("refine", "--checkpoint", str(run_dir / "best.ckpt"), "--scene", str(scene.path),
-                "--out", str(out), "--quiet")
+                "--out", str(out), "--quiet", *refine_flags)
         refined[site] = read_refined(out)
     return refined
 
@@ -131,9 +138,12 @@ def run(work: Path, seeds: list[int], minutes: float, methods: list[str], result
             record(results[PRETRAINED], errors, tests, refine_all(pretrained, tests),
                    json.loads((pretrained / "train.json").read_text())["epochs"])
         for seed in seeds:
-            for method in methods:
+            for method in [m for m in methods if m != TTA_REFINED]:  # the defaults' runs refine for --tta
                 if method == "deepdem":
-                    refined, epochs = deepdem_run(training, tests, work / f"small-run-{errors}-{seed}", seed, minutes)
+                    run_dir = work / f"small-run-{errors}-{seed}"
+                    refined, epochs = deepdem_run(training, tests, run_dir, seed, minutes)
+                    if TTA_REFINED in methods:
+                        record(results[TTA_REFINED], errors, tests, refine_all(run_dir, tests, ("--tta",)), epochs)
                 elif method.startswith(VARIANT):
                     flags = method[len(VARIANT):]
                     run_dir = work / f"small-run-{re.sub(r'[^A-Za-z0-9.]+', '_', flags).strip('_')}-{errors}-{seed}"
@@ -215,6 +225,17 @@ def fine_tune_tables(results: dict) -> list[str]:
             "checkpoint alone refines the unseen scenes without fine-tuning."]
 
 
+def tta_tables(results: dict) -> list[str]:
+    """--tta's run: the defaults' checkpoints refined with --tta against the same refined at the defaults."""
+    ours = results["deepdem"]
+    epochs = ", ".join(f"{errors} {np.median(e):.0f}" for errors, e in ours["epochs"].items())
+    return [*variant_table("`refine --tta`", results[TTA_REFINED], ours), "",
+            f"Each seed's checkpoint (seeds {', '.join(map(str, ours['seeds']))}) of `deepdem train --chip-size {CHIP} "
+            f"--max-minutes {ours['minutes']:g}` on the 100 × 100 m crop of {TRAINING_SITE} refines every unseen "
+            f"scene twice: `deepdem refine` at its defaults and `deepdem refine --tta`; the ratios compare the two "
+            f"refinings of the same model. Median epochs of 512 chips: {epochs}."]
+
+
 def variant_table(label: str, variant: dict, ours: dict, references: dict[str, dict] | None = None) -> list[str]:
     """A deepdem variant against the defaults: medians, and the ratio seed by seed (same seed, same chips).
 
@@ -255,27 +276,37 @@ def main() -> None:
     parser.add_argument("--fine-tune", action="store_true",
                         help="run deepdem fine-tuned (--init) from a model trained on the other training sites, "
                         "beside the defaults, seed by seed (its own results and BENCHMARKS.md section)")
+    parser.add_argument("--tta", action="store_true",
+                        help="refine each defaults run again with 'deepdem refine --tta' and compare, seed by seed "
+                        "(its own results and BENCHMARKS.md section)")
     parser.add_argument("--tables-only", action="store_true", help="print (and --write) the tables of the last run")
     parser.add_argument("--write", action="store_true", help="update BENCHMARKS.md")
     args = parser.parse_args()
-    if args.fine_tune and (args.variant is not None or args.tables_only):
-        parser.error("--fine-tune runs its own comparison: give it without --variant or --tables-only")
+    if args.fine_tune and args.tta:
+        parser.error("--fine-tune and --tta are two comparisons: run them one after the other")
+    for flag, given in (("--fine-tune", args.fine_tune), ("--tta", args.tta)):
+        if given and (args.variant is not None or args.tables_only):
+            parser.error(f"{flag} runs its own comparison: give it without --variant or --tables-only")
     if args.variant is not None:
         if not args.variant.strip():
             parser.error("--variant: give the extra 'deepdem train' flags")
         args.only = [VARIANT + " ".join(shlex.split(args.variant))]
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    if args.fine_tune:
-        results = run(work, args.seeds, args.minutes, ["deepdem", FINE_TUNED], {})
-        (work / "small-scene-fine-tune.json").write_text(json.dumps(results, indent=1))
-        rows = fine_tune_tables(results)
-        print("\n".join(rows))
-        if args.write:
-            update_benchmarks("Small-scene check: fine-tuning from a checkpoint trained elsewhere",
-                              f"python bench/small_scene.py --seeds {' '.join(map(str, args.seeds))} "
-                              f"--minutes {args.minutes:g} --fine-tune --write", rows)
-        return
+    for flag, given, method, name, make_tables, title in (
+            ("--fine-tune", args.fine_tune, FINE_TUNED, "fine-tune", fine_tune_tables,
+             "Small-scene check: fine-tuning from a checkpoint trained elsewhere"),
+            ("--tta", args.tta, TTA_REFINED, "tta", tta_tables,
+             "Small-scene check: refine --tta against the defaults")):
+        if given:
+            results = run(work, args.seeds, args.minutes, ["deepdem", method], {})
+            (work / f"small-scene-{name}.json").write_text(json.dumps(results, indent=1))
+            rows = make_tables(results)
+            print("\n".join(rows))
+            if args.write:
+                update_benchmarks(title, f"python bench/small_scene.py --seeds {' '.join(map(str, args.seeds))} "
+                                  f"--minutes {args.minutes:g} {flag} --write", rows)
+            return
     results_file = work / "small-scene.json"
     earlier = json.loads(results_file.read_text()) if results_file.exists() else {}
     if args.tables_only or "deepdem" not in args.only:
