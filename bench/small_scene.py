@@ -95,13 +95,18 @@ def deepdem_run(training: Scene | list[Scene], tests: dict[str, Scene], run_dir:
 def refine_all(run_dir: Path, tests: dict[str, Scene], refine_flags: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
     """``deepdem refine`` at its defaults (with ``refine_flags`` added) and the run's best checkpoint, on each unseen scene."""
     refined = {}
-    suffix = re.sub(r"[^A-Za-z0-9.]+", "_", " ".join(refine_flags)).strip("_")
+    suffix = flags_slug(" ".join(refine_flags))
     for site, scene in tests.items():
         out = run_dir / f"refined-{list(SITES).index(site)}-{scene.path.name}{'-' + suffix if suffix else ''}.tif"
         deepdem("refine", "--checkpoint", str(run_dir / "best.ckpt"), "--scene", str(scene.path),
                 "--out", str(out), "--quiet", *refine_flags)
         refined[site] = read_refined(out)
     return refined
+
+
+def flags_slug(flags: str) -> str:
+    """Command-line flags as a file-name part (run folders, refined files): '--relief-share 0.25' -> 'relief_share_0.25'."""
+    return re.sub(r"[^A-Za-z0-9.]+", "_", flags).strip("_")
 
 
 def pretraining_sites(scenes: dict) -> list[Scene]:
@@ -146,7 +151,7 @@ def run(work: Path, seeds: list[int], minutes: float, methods: list[str], result
                         record(results[TTA_REFINED], errors, tests, refine_all(run_dir, tests, ("--tta",)), epochs)
                 elif method.startswith(VARIANT):
                     flags = method[len(VARIANT):]
-                    run_dir = work / f"small-run-{re.sub(r'[^A-Za-z0-9.]+', '_', flags).strip('_')}-{errors}-{seed}"
+                    run_dir = work / f"small-run-{flags_slug(flags)}-{errors}-{seed}"
                     refined, epochs = deepdem_run(training, tests, run_dir, seed, minutes, tuple(shlex.split(flags)))
                 elif method == FINE_TUNED:
                     refined, epochs = deepdem_run(training, tests, work / f"small-run-fine-tuned-{errors}-{seed}", seed,
