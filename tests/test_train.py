@@ -5,6 +5,7 @@ import random
 import numpy as np
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
 
 from deepdem.data import (ChipDataset, SceneArrays, chip_means, fill_dsm_holes, normalise_chip, normalise_dsm,
                           spatial_split)
@@ -521,11 +522,12 @@ def test_trailing_weight_average_leans_on_the_last_third_of_the_run():
 
 
 def test_the_checkpoint_holds_the_averaged_weights_not_the_last_ones(prepared_scene, tmp_path):
-    result = train([prepared_scene], tmp_path / "run", chip_size=64, batch_size=2, max_epochs=2, samples_per_epoch=16,
+    # one epoch: the best epoch is the last one, whose average the resume point holds as its state_dict
+    result = train([prepared_scene], tmp_path / "run", chip_size=64, batch_size=2, max_epochs=1, samples_per_epoch=16,
                    progress=False)
-    lightning_best = torch.load(next((tmp_path / "run" / "checkpoints").glob("best-*.ckpt")), weights_only=True)
+    resume_point = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
     kept = load_checkpoint(result.checkpoint).state_dict()
-    averaged, current = lightning_best["state_dict"], lightning_best["current_model_state"]
+    averaged, current = resume_point["state_dict"], resume_point["current_model_state"]
     name = next(k for k in kept if k.endswith(".weight") and kept[k].numel() > 1000)
     assert torch.equal(kept[name], averaged[name])
     assert not torch.equal(averaged[name], current[name])  # the weights moved since the average began
@@ -533,15 +535,52 @@ def test_the_checkpoint_holds_the_averaged_weights_not_the_last_ones(prepared_sc
 
     unaveraged = train([prepared_scene], tmp_path / "plain", chip_size=64, batch_size=2, max_epochs=1,
                        samples_per_epoch=4, weight_averaging=False, progress=False)
-    assert "current_model_state" not in torch.load(tmp_path / "plain" / "checkpoints" / "last.ckpt", weights_only=True)
+    resume_point = torch.load(tmp_path / "plain" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert "current_model_state" not in resume_point
+    kept = load_checkpoint(unaveraged.checkpoint).state_dict()
+    assert torch.equal(kept[name], resume_point["state_dict"][name])
     assert load_checkpoint(unaveraged.checkpoint).model_kwargs["weight_averaging"] is None
 
 
+class _SaveCounter(Callback):
+    def __init__(self):
+        self.saved_after_epochs = []
 
-def test_last_checkpoint_links_to_the_best_one_instead_of_copying_it(prepared_scene, tmp_path):
-    train([prepared_scene], tmp_path / "run", chip_size=64, batch_size=2, max_epochs=3, samples_per_epoch=2,
-          arch="ResDepth", bands=["dsm"], progress=False)
-    checkpoints = tmp_path / "run" / "checkpoints"
-    (best,) = checkpoints.glob("best-*.ckpt")
-    assert (checkpoints / "last.ckpt").resolve() == best.resolve()
-    assert len([p for p in checkpoints.iterdir() if not p.is_symlink()]) == 1  # one file written, not two
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        self.saved_after_epochs.append(trainer.current_epoch)
+
+
+def test_the_resume_point_is_written_after_the_first_epoch_and_at_the_end_not_every_epoch(prepared_scene, tmp_path):
+    counter = _SaveCounter()
+    result = train([prepared_scene], tmp_path / "run", chip_size=64, batch_size=2, max_epochs=4, samples_per_epoch=2,
+                   arch="ResDepth", bands=["dsm"], progress=False, callbacks=[counter])
+    assert counter.saved_after_epochs == [0, 4]  # epochs are seconds apart here, the interval a minute
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["last.ckpt"]
+    resume_point = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    best = resume_point["callbacks"]["EpochCheckpoints"]
+    assert best["best_score"] == pytest.approx(result.best_val_mae)
+    kept = load_checkpoint(result.checkpoint).state_dict()
+    assert all(torch.equal(kept[name], value) for name, value in best["best_state"].items())
+
+
+def test_the_best_epoch_is_the_one_with_the_lowest_validation_mae():
+    from types import SimpleNamespace
+
+    from deepdem.train import EpochCheckpoints
+
+    class _Strategy:
+        @staticmethod
+        def broadcast(value, src=0):
+            return False  # no writes here
+
+    keeper = EpochCheckpoints("unused")
+    module = torch.nn.Linear(1, 1)
+    for epoch, score in enumerate([0.9, 0.7, 0.8, float("nan"), 0.75]):
+        with torch.no_grad():
+            module.weight.fill_(epoch)
+        trainer = SimpleNamespace(sanity_checking=False, callback_metrics={"val_mae": torch.tensor(score)},
+                                  current_epoch=epoch, callbacks=[keeper], strategy=_Strategy())
+        keeper.on_validation_end(trainer, module)
+        keeper.on_train_epoch_end(trainer, module)
+    assert keeper.best_epoch == 1 and keeper.best_score == pytest.approx(0.7)
+    assert float(keeper.best_state["weight"]) == 1.0  # a copy: later epochs did not change it

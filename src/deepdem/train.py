@@ -26,7 +26,7 @@ import lightning as L
 import numpy as np
 import torch
 import yaml
-from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint, WeightAveraging
+from lightning.pytorch.callbacks import Callback, EarlyStopping, WeightAveraging
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from torch.utils.data import DataLoader
 
@@ -219,6 +219,14 @@ class TrailingWeightAverage(WeightAveraging):
     def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
         return step_idx is not None and step_idx % self.every_n_steps == 0
 
+    def averaged_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The averaged weights under the module's own names (what validation scored), None before fitting."""
+        if self._average_model is None:
+            return None
+        prefix = "module."  # AveragedModel's wrapper; its own counters have no prefix
+        return {name[len(prefix):]: value for name, value in self._average_model.state_dict().items()
+                if name.startswith(prefix)}
+
     @torch.no_grad()
     def _lean_on_the_last_steps(self, averaged: list[torch.Tensor], current: list[torch.Tensor],
                                 updates: torch.Tensor) -> None:
@@ -228,6 +236,62 @@ class TrailingWeightAverage(WeightAveraging):
         else:  # counters (batch norm's batches seen) are not averaged
             for a, c in zip(averaged, current):
                 a.copy_(c)
+
+
+class EpochCheckpoints(Callback):
+    """The best epoch's weights kept in memory, and the resume point ``last.ckpt`` written at most
+    every ``every_seconds`` and when training ends.
+
+    Lightning's ``ModelCheckpoint`` writes the whole trainer state (weights, their average and
+    Adam's moments: 220 MB for a resnet18 UNet) in every epoch that improves the monitored
+    metric, which with weight averaging is nearly every epoch: 1.0 s of each 6.5-s epoch of a
+    64-px-chip run on 2 CPU cores. Here an improving epoch costs a copy in memory; a ``kill -9``
+    loses at most ``every_seconds`` of training, and the resume point carries the best weights.
+    """
+
+    def __init__(self, dirpath: str | os.PathLike, monitor: str = "val_mae", every_seconds: float = 60.0):
+        self.dirpath, self.monitor, self.every_seconds = Path(dirpath), monitor, every_seconds
+        self.best_score: float | None = None
+        self.best_epoch: int | None = None
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self._saved_at: float | None = None  # time.monotonic() of this process's last write
+        self._saved_step: int | None = None
+
+    @property
+    def last_path(self) -> Path:
+        return self.dirpath / "last.ckpt"
+
+    def on_validation_end(self, trainer, pl_module):
+        if trainer.sanity_checking:
+            return
+        score = trainer.callback_metrics.get(self.monitor)
+        if score is not None and bool(torch.isfinite(score)) and (self.best_score is None or float(score) < self.best_score):
+            self.best_score, self.best_epoch = float(score), trainer.current_epoch
+            validated = next((c.averaged_state_dict() for c in trainer.callbacks if isinstance(c, TrailingWeightAverage)),
+                             None) or pl_module.state_dict()
+            self.best_state = {name: value.detach().to("cpu", copy=True) for name, value in validated.items()}
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        # at the epoch's end, as Lightning's own callback does: a resume then starts the next epoch
+        due = self._saved_at is None or time.monotonic() - self._saved_at >= self.every_seconds
+        if trainer.strategy.broadcast(due, src=0):  # every rank joins a save, so rank 0 decides for all
+            self._save(trainer)
+
+    def on_train_end(self, trainer, pl_module):
+        # before the weight average's own on_train_end puts the average into the model (see _trainer)
+        if self._saved_step != trainer.global_step:
+            self._save(trainer)
+
+    def _save(self, trainer) -> None:
+        trainer.save_checkpoint(self.last_path)
+        self._saved_at, self._saved_step = time.monotonic(), trainer.global_step
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best_score": self.best_score, "best_epoch": self.best_epoch, "best_state": self.best_state}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.best_score, self.best_epoch = state_dict["best_score"], state_dict["best_epoch"]
+        self.best_state = state_dict["best_state"]
 
 
 class _EpochPrinter(Callback):
@@ -492,11 +556,7 @@ def _trainer(config: TrainConfig, out: Path, progress: bool, extra_callbacks: li
     precision = config.precision
     if precision == "auto":
         precision = "bf16-mixed" if (not torch.cuda.is_available() or torch.cuda.is_bf16_supported()) else "16-mixed"
-    # Lightning writes last.ckpt only in the epochs that write a best one; "link" makes it a link to
-    # that file instead of a second copy (230 MB for a resnet18 UNet: weights, their average and the
-    # optimiser's moments), which a 64-px-chip run on 2 CPU cores wrote in most of its epochs.
-    checkpointing = ModelCheckpoint(dirpath=out / "checkpoints", filename="best-epoch{epoch:03d}", monitor="val_mae",
-                                    mode="min", save_top_k=1, save_last="link", auto_insert_metric_name=False)
+    checkpointing = EpochCheckpoints(out / "checkpoints", monitor="val_mae")
     callbacks = [
         checkpointing,
         EarlyStopping(monitor="val_mae", patience=config.early_stopping_patience, min_delta=0.005, mode="min"),
@@ -505,6 +565,8 @@ def _trainer(config: TrainConfig, out: Path, progress: bool, extra_callbacks: li
     ]
     if config.weight_averaging:
         callbacks.insert(0, TrailingWeightAverage())
+        # hooks run in this order: the resume point is written at the end before the average replaces the weights
+        callbacks.insert(0, callbacks.pop(callbacks.index(checkpointing)))
     if not progress:
         callbacks.append(_EpochPrinter())
     trainer = L.Trainer(
@@ -519,19 +581,21 @@ def _trainer(config: TrainConfig, out: Path, progress: bool, extra_callbacks: li
         logger=[CSVLogger(out, name="logs", version=""), TensorBoardLogger(out, name="tensorboard", version="")],
         enable_progress_bar=progress,
         enable_model_summary=False,
+        enable_checkpointing=False,  # EpochCheckpoints writes the run's checkpoints, not Lightning's default one
         log_every_n_steps=10,
         num_sanity_val_steps=0,
     )
     return trainer, checkpointing
 
 
-def _save_best(trainer, checkpointing, model_kwargs: dict, val_loader: DataLoader, out: Path, seconds: float,
-               resumed_epoch: int | None) -> TrainResult:
+def _save_best(trainer, checkpointing: EpochCheckpoints, model_kwargs: dict, val_loader: DataLoader, out: Path,
+               seconds: float, resumed_epoch: int | None) -> TrainResult:
     """``best.ckpt`` from the best epoch (σ calibrated on the validation chips) and ``train.json``."""
-    best_path = checkpointing.best_model_path or checkpointing.last_model_path
-    if not best_path:
+    if checkpointing.best_state is None:
         raise InputError("training stopped before the first validation: give it more time (--max-minutes)", out)
-    best = _load_lightning_weights(best_path, model_kwargs)
+    best = DeepDEMRegressionTask(model_kwargs)
+    best.load_state_dict(checkpointing.best_state)
+    best.eval()
     if best.has_sigma:
         autocast = str(trainer.precision).startswith("bf16")
         temperature = calibrate_sigma(best, val_loader, trainer.strategy.root_device, autocast=autocast)
@@ -539,10 +603,9 @@ def _save_best(trainer, checkpointing, model_kwargs: dict, val_loader: DataLoade
         log.info("sigma calibration factor %.3f (fitted on the validation chips)", temperature)
     checkpoint = save_checkpoint(best, out / "best.ckpt")
     metrics = trainer.callback_metrics
-    best_score = float(checkpointing.best_model_score) if checkpointing.best_model_score is not None else float("nan")
     result = TrainResult(
         checkpoint=checkpoint,
-        best_val_mae=best_score,
+        best_val_mae=checkpointing.best_score,
         initial_val_mae=float(metrics.get("val_initial_mae", float("nan"))),
         epochs=trainer.current_epoch,
         seconds=seconds,
@@ -608,12 +671,4 @@ def _fine_tuning_start(config: TrainConfig, bands: list[str]) -> DeepDEMRegressi
     return initial
 
 
-def _load_lightning_weights(path: str | os.PathLike, model_kwargs: dict) -> DeepDEMRegressionTask:
-    """The best Lightning checkpoint's weights, loaded safely (``weights_only=True``)."""
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    task = DeepDEMRegressionTask(model_kwargs)
-    task.load_state_dict(payload["state_dict"])
-    return task.eval()
-
-
-__all__ = ["train", "TrainConfig", "TrainResult", "TrailingWeightAverage", "load_checkpoint"]
+__all__ = ["train", "TrainConfig", "TrainResult", "TrailingWeightAverage", "EpochCheckpoints", "load_checkpoint"]
