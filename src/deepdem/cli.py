@@ -393,11 +393,14 @@ def _add_calibrate_parser(subparsers) -> None:
 
 def _add_demo_parser(subparsers) -> None:
     """Add the ``demo`` subcommand."""
+    from .demo import DEMO_EPOCHS, DEMO_MINUTES
+
     p = subparsers.add_parser("demo", help="synth → prepare → train → refine → evaluate on generated scenes")
     p.add_argument("--out", default="demo_output")
-    p.add_argument("--epochs", type=positive_int, default=62,
-                   help="training epochs of 256 chips (default 62: about 6 to 12 min on 2 CPU cores)")
-    p.add_argument("--minutes", type=positive, default=10.0, help="training time limit, minutes (default 10)")
+    p.add_argument("--epochs", type=positive_int, default=DEMO_EPOCHS,
+                   help="training epochs of 256 chips (default %(default)s: about 6 to 12 min on 2 CPU cores)")
+    p.add_argument("--minutes", type=positive, default=DEMO_MINUTES,
+                   help="training time limit, minutes (default %(default)g)")
     p.add_argument("--size", type=number(int, 64), default=512)
     p.add_argument("--chip-size", type=number(int, 32), default=128)
     p.set_defaults(func=_demo)

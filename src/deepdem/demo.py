@@ -35,10 +35,14 @@ class DemoResult:
     report: Path | None = None  # the held-out scene's evaluation report directory
 
 
+#: The demo's training: epochs of 256 chips, and the time limit in minutes that stops it sooner.
+DEMO_EPOCHS, DEMO_MINUTES = 62, 10.0
+
+
 def run_demo(
     out: str | Path = "demo_output",
-    train_epochs: int = 62,
-    train_minutes: float = 10.0,
+    train_epochs: int = DEMO_EPOCHS,
+    train_minutes: float = DEMO_MINUTES,
     size: int = 512,
     chip_size: int = 128,
     train_seed: int = 1,
