@@ -238,8 +238,12 @@ class TrailingWeightAverage(WeightAveraging):
                 a.copy_(c)
 
 
+#: Where a run directory keeps the full training state that ``--resume`` continues from.
+RESUME_POINT = Path("checkpoints") / "last.ckpt"
+
+
 class EpochCheckpoints(Callback):
-    """The best epoch's weights kept in memory, and the resume point ``last.ckpt`` written at most
+    """The best epoch's weights kept in memory, and the resume point (``path``) written at most
     every ``every_seconds`` and when training ends.
 
     Lightning's ``ModelCheckpoint`` writes the whole trainer state (weights, their average and
@@ -249,17 +253,13 @@ class EpochCheckpoints(Callback):
     loses at most ``every_seconds`` of training, and the resume point carries the best weights.
     """
 
-    def __init__(self, dirpath: str | os.PathLike, monitor: str = "val_mae", every_seconds: float = 60.0):
-        self.dirpath, self.monitor, self.every_seconds = Path(dirpath), monitor, every_seconds
+    def __init__(self, path: str | os.PathLike, monitor: str = "val_mae", every_seconds: float = 60.0):
+        self.path, self.monitor, self.every_seconds = Path(path), monitor, every_seconds
         self.best_score: float | None = None
         self.best_epoch: int | None = None
         self.best_state: dict[str, torch.Tensor] | None = None
         self._saved_at: float | None = None  # time.monotonic() of this process's last write
         self._saved_step: int | None = None
-
-    @property
-    def last_path(self) -> Path:
-        return self.dirpath / "last.ckpt"
 
     def on_validation_end(self, trainer, pl_module):
         if trainer.sanity_checking:
@@ -283,7 +283,7 @@ class EpochCheckpoints(Callback):
             self._save(trainer)
 
     def _save(self, trainer) -> None:
-        trainer.save_checkpoint(self.last_path)
+        trainer.save_checkpoint(self.path)
         self._saved_at, self._saved_step = time.monotonic(), trainer.global_step
 
     def state_dict(self) -> dict[str, Any]:
@@ -440,9 +440,9 @@ def _train(config: TrainConfig, extra_callbacks: list[Callback]) -> TrainResult:
 
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    resume_from = out / "checkpoints" / "last.ckpt"
+    resume_from = out / RESUME_POINT
     if config.resume and not resume_from.exists():
-        raise InputError("nothing to resume: no checkpoints/last.ckpt in the run directory", out)
+        raise InputError(f"nothing to resume: no {RESUME_POINT.as_posix()} in the run directory", out)
     resumed_epoch = None
     if config.resume:
         resumed_epoch = int(torch.load(resume_from, map_location="cpu", weights_only=True).get("epoch", -1))
@@ -556,7 +556,7 @@ def _trainer(config: TrainConfig, out: Path, progress: bool, extra_callbacks: li
     precision = config.precision
     if precision == "auto":
         precision = "bf16-mixed" if (not torch.cuda.is_available() or torch.cuda.is_bf16_supported()) else "16-mixed"
-    checkpointing = EpochCheckpoints(out / "checkpoints", monitor="val_mae")
+    checkpointing = EpochCheckpoints(out / RESUME_POINT, monitor="val_mae")
     callbacks = [
         checkpointing,
         EarlyStopping(monitor="val_mae", patience=config.early_stopping_patience, min_delta=0.005, mode="min"),
