@@ -37,6 +37,7 @@ current training code, and ``--epistemic`` scores σ with the models' disagreeme
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -56,6 +57,7 @@ from deepdem.models import DEFAULT_BANDS
 from deepdem.prepare import prepare_from_asp_dir
 from deepdem.refine import refine, sigma_path
 from deepdem.scene import Scene
+from deepdem import stereo, synth
 from deepdem.synth import synth_from_lidar
 from deepdem.train import TrainConfig, train
 
@@ -132,8 +134,27 @@ class CpuBudget(Callback):
 
 # -- data ---------------------------------------------------------------------------------------
 
+GENERATOR_STAMP = "generator.txt"
+
+
+def generator_fingerprint() -> str:
+    """A digest of the code that degrades a truth into ASP-like products."""
+    code = b"".join(Path(module.__file__).read_bytes() for module in (synth, stereo))
+    return hashlib.sha256(code).hexdigest()[:16]
+
+
+def made_by_current_generator(folder: Path) -> bool:
+    """Whether ``folder`` holds a scene made by today's generator (a changed one remakes it)."""
+    stamp = folder / GENERATOR_STAMP
+    return (folder / "scene.json").exists() and stamp.exists() and stamp.read_text() == generator_fingerprint()
+
+
+def stamp_generator(folder: Path) -> None:
+    (folder / GENERATOR_STAMP).write_text(generator_fingerprint())
+
+
 def build_scenes(work: Path) -> dict[tuple[str, str], Scene]:
-    """Grid, degrade and prepare every site once (kept in ``work`` between runs)."""
+    """Grid, degrade and prepare every site once (kept in ``work`` between runs, until the generator changes)."""
     scenes = {}
     for index, (site, (files, _, options)) in enumerate(SITES.items()):
         paths = [DATA / f for f in files]
@@ -147,9 +168,10 @@ def build_scenes(work: Path) -> dict[tuple[str, str], Scene]:
             write_products(products, truth_dir)
         for errors in ERRORS:
             raw, prepared = work / f"raw{index}-{errors}", work / f"scene{index}-{errors}"
-            if not (prepared / "scene.json").exists():
+            if not made_by_current_generator(prepared):
                 synth_from_lidar(raw, truth_dir / "dsm.tif", truth_dir / "dtm.tif", errors=errors, seed=100 + index)
                 prepare_from_asp_dir(raw, prepared)
+                stamp_generator(prepared)
             scenes[(site, errors)] = Scene.open(prepared)
     return scenes
 

@@ -52,8 +52,8 @@ from deepdem.scene import Scene, write_scene
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _report import update_benchmarks  # noqa: E402
-from real_terrain import (ERRORS, SITES, build_scenes, default_work, plain_unet_predict,  # noqa: E402
-                          plain_unet_train, range_cell, read_refined, score)
+from real_terrain import (ERRORS, SITES, build_scenes, default_work, made_by_current_generator,  # noqa: E402
+                          plain_unet_predict, plain_unet_train, range_cell, read_refined, score, stamp_generator)
 
 TRAINING_SITE = "Delft tile 1 (NL)"
 CROP = Window(col_off=100, row_off=100, width=200, height=200)  # 100 m at 0.5 m, away from the tile's edges
@@ -65,11 +65,12 @@ TTA_REFINED = "refined with --tta"  # --tta's results: the defaults' checkpoints
 
 
 def crop_scene(scene: Scene, window: Window, out: Path) -> Scene:
-    """The window of every band of ``scene`` as a scene of its own (written once, kept)."""
-    if not (out / "scene.json").exists():
+    """The window of every band of ``scene`` as a scene of its own (written once, kept until the generator changes)."""
+    if not made_by_current_generator(out):
         grid = Grid(scene.crs, scene.transform * scene.transform.translation(window.col_off, window.row_off),
                     int(window.height), int(window.width))
         write_scene(out, grid, {band: scene.read(band, window) for band in scene.bands})
+        stamp_generator(out)
     return Scene.open(out)
 
 

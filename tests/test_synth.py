@@ -1,6 +1,8 @@
 import numpy as np
 import pytest
 import rasterio
+from scipy import ndimage
+from scipy.stats import spearmanr
 from skimage.registration import phase_cross_correlation
 
 from deepdem.io import FLOAT32_MIN
@@ -42,10 +44,17 @@ def test_initial_dsm_has_asp_like_errors(scene):
     bare = (scene.landcover <= 1) & ~holes
     assert 0.2 < np.nanmedian(np.abs(error[bare])) < 3.0
     assert np.isnan(scene.triangulation_error[holes]).all()
-    # the triangulation error tracks the true error
+    # The triangulation error ranks the errors about as well as a real matcher's map does
+    # (Spearman 0.27-0.64 on the LIDAR sites of bench/synth_errors.py), not as well as the error
+    # itself would: it is drawn from the error's causes.
     valid = ~holes
-    rho = np.corrcoef(np.abs(error[valid]), scene.triangulation_error[valid])[0, 1]
-    assert rho > 0.3
+    rho = spearmanr(np.abs(error[valid]), scene.triangulation_error[valid])[0]
+    assert 0.2 < rho < 0.6
+    raised = scene.truth_dsm - scene.truth_dtm
+    edges = ndimage.morphological_gradient(raised, size=3) > 2.0
+    open_flat = (scene.landcover <= 1) & ~ndimage.binary_dilation(edges, iterations=3)
+    tri = scene.triangulation_error
+    assert np.nanmedian(tri[edges & valid]) > 2 * np.nanmedian(tri[open_flat & valid])
 
 
 def test_parallax_between_orthos_grows_with_height_error():

@@ -10,7 +10,9 @@ and gabled roofs, trees), then simulates what a satellite stereo pair and ASP tu
   and texture) and orthorectified through the *erroneous* DSM, so that a height error ``dz``
   appears as a horizontal displacement ``-dz·tan(off-nadir)`` along each view's azimuth, i.e.
   as parallax between left and right, exactly as in ASP's mapprojected images;
-* a triangulation-error map correlated with the true error, and an NDVI at coarser resolution.
+* a triangulation-error map (ASP's ray-intersection distance) drawn from the error's causes, which
+  sees the across-epipolar part of a mismatch but not the height error itself, and an NDVI at
+  coarser resolution.
 
 Files are written with ASP's names and nodata conventions (float32-min) so that ``prepare``
 is exercised on the same path as real data.
@@ -294,17 +296,11 @@ def observe(truth_dsm: np.ndarray, truth_dtm: np.ndarray, cover: np.ndarray, con
         return _observe_by_matching(truth_dsm, truth_dtm, cover, radiance, shadow, config, rng, transform)
 
     texture = _texture(radiance)
-    dsm, shift_px, shift_z = _modelled_dsm(truth_dsm, truth_dtm, cover, texture, config, rng)
+    dsm, spread, blunders, shift_px, shift_z = _modelled_dsm(truth_dsm, truth_dtm, cover, texture, config, rng)
     orthos, occluded = _modelled_orthos(radiance, dsm - truth_dsm, truth_dsm, config, rng)
     holes = _modelled_holes(cover, shadow, texture, occluded, config.resolution, rng)
     dsm = np.where(holes, np.nan, dsm)
-    # Made from the realised error, this map says where the DSM is wrong far better than the
-    # matcher's map of `errors="sgbm"` (bench/synth_errors.py measures both), and ASP's
-    # ray-intersection distance does not see a mismatch along the baseline at all: a model that
-    # reads it scores better here than it will on real stereo.
-    error = ndimage.gaussian_filter(np.abs(np.nan_to_num(dsm - truth_dsm, nan=0.0)), 1.0)
-    tri = (0.08 + 0.25 * error) * rng.lognormal(0.0, 0.35, size=truth_dsm.shape)
-    tri = np.where(holes, np.nan, tri)
+    tri = np.where(holes, np.nan, _modelled_triangulation_error(truth_dsm - truth_dtm, spread, blunders, rng))
 
     return SynthScene(
         config=config,
@@ -358,8 +354,12 @@ def _texture(radiance: np.ndarray) -> np.ndarray:
 
 
 def _modelled_dsm(truth_dsm: np.ndarray, truth_dtm: np.ndarray, cover: np.ndarray, texture: np.ndarray,
-                  config: SynthConfig, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, float]:
-    """Observe, step 4: the stereo DSM with ASP's errors (no holes yet), its shift (px) and vertical shift."""
+                  config: SynthConfig, rng: np.random.Generator):
+    """Observe, step 4: the stereo DSM with ASP's errors (no holes yet).
+
+    Returns the DSM, the matching noise's standard deviation per pixel (m), each pixel's height
+    error from blunders (m), the horizontal shift (px) and the vertical shift (m).
+    """
     res = config.resolution
     shape = truth_dsm.shape
     h, w = shape
@@ -370,23 +370,51 @@ def _modelled_dsm(truth_dsm: np.ndarray, truth_dtm: np.ndarray, cover: np.ndarra
     smoothed = 0.6 * ndimage.gaussian_filter(surface, 1.5) + 0.4 * ndimage.gaussian_filter(fattened, 1.0)
 
     slope = np.hypot(*np.gradient(truth_dtm, res))
-    sigma = config.noise_base * (1 + 2.5 * np.exp(-3 * texture) + 1.5 * np.clip(slope, 0, 2))
-    correlated = ndimage.gaussian_filter(rng.normal(size=shape), 1.0)
-    correlated /= correlated.std() + 1e-12
-    dsm = smoothed + sigma * correlated
+    spread = config.noise_base * (1 + 2.5 * np.exp(-3 * texture) + 1.5 * np.clip(slope, 0, 2))
+    dsm = smoothed + spread * _unit_correlated_noise(rng, shape)
 
-    blunders = int(rng.integers(3, 7))
+    count = int(rng.integers(3, 7))
     if config.blunders_per_km2 is not None:
-        blunders = int(rng.poisson(config.blunders_per_km2 * h * w * res * res / 1e6))
+        count = int(rng.poisson(config.blunders_per_km2 * h * w * res * res / 1e6))
     rows, cols = np.mgrid[0:h, 0:w].astype(np.float64)
-    for _ in range(blunders):  # blunders: smooth bumps and pits of 5–25 m
+    blunders = np.zeros(shape)
+    for _ in range(count):  # blunders: smooth bumps and pits of 5–25 m
         by, bx = rng.uniform(0, h), rng.uniform(0, w)
         radius = rng.uniform(3, 10) / res
-        dsm += rng.choice([-1, 1]) * rng.uniform(5, 25) * np.exp(-((rows - by) ** 2 + (cols - bx) ** 2) / (2 * radius**2))
+        blunders += rng.choice([-1, 1]) * rng.uniform(5, 25) * np.exp(-((rows - by) ** 2 + (cols - bx) ** 2) / (2 * radius**2))
+    dsm += blunders
 
     shift_px = rng.uniform(-0.8, 0.8, size=2)
     shift_z = float(rng.uniform(-0.6, 0.6))
-    return ndimage.shift(dsm, shift_px, order=1, mode="nearest") + shift_z, shift_px, shift_z
+    dsm = ndimage.shift(dsm, shift_px, order=1, mode="nearest") + shift_z
+    return dsm, spread, blunders, shift_px, shift_z
+
+
+def _unit_correlated_noise(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray:
+    """Gaussian noise correlated over about a pixel (a matcher's window), scaled to unit variance."""
+    noise = ndimage.gaussian_filter(rng.normal(size=shape), 1.0)
+    return noise / (noise.std() + 1e-12)
+
+
+def _modelled_triangulation_error(raised: np.ndarray, spread: np.ndarray, blunders: np.ndarray,
+                                  rng: np.random.Generator) -> np.ndarray:
+    """Observe, step 7: ASP's ray-intersection distance (m), made from the error's causes, not from the error.
+
+    A mismatch along the epipolar line moves the height but the two rays still meet, so this map
+    cannot see it. It sees the mismatch's across-epipolar part, drawn here independently of the
+    height error: with the matching noise's spread (larger on low texture and steep slopes),
+    larger where the correlation window straddles the edge of a building or a tree (``raised``:
+    height above the ground; the match is ambiguous in both directions there), and for a blunder
+    a fraction of its size; plus the cameras' residual misalignment, smooth over the scene. A map
+    made from the realised error would tell a model where the DSM is wrong far better than a
+    matcher can: bench/synth_errors.py compares both generators' maps with the error.
+    """
+    shape = spread.shape
+    cameras = rng.uniform(0.05, 0.15) * np.exp(0.3 * fractal_surface(rng, shape, beta=3.0))
+    step = ndimage.maximum_filter(raised, size=5) - ndimage.minimum_filter(raised, size=5)
+    across = (0.5 * spread + 0.05 * step) * np.abs(_unit_correlated_noise(rng, shape))
+    blunder_share = rng.uniform(0.05, 0.3)
+    return cameras + across + blunder_share * np.abs(blunders)
 
 
 def _modelled_orthos(radiance: np.ndarray, dz: np.ndarray, truth_dsm: np.ndarray, config: SynthConfig,
