@@ -153,6 +153,18 @@ def stamp_generator(folder: Path) -> None:
     (folder / GENERATOR_STAMP).write_text(generator_fingerprint())
 
 
+def scenes_generator(work: Path) -> str:
+    """The fingerprint stamped on the scenes in ``work`` (several, comma-separated, if they differ)."""
+    stamps = sorted({p.read_text() for p in work.glob(f"scene*-*/{GENERATOR_STAMP}")})
+    return ", ".join(stamps) if stamps else "unknown"
+
+
+def generator_line(results: dict) -> str:
+    """Which generator made a run's scenes: two sections' figures compare only when it is the same."""
+    return (f"Scenes made by `deepdem.synth` and `deepdem.stereo` with source digest {results.get('generator', 'unknown')} "
+            "(`generator_fingerprint` in bench/real_terrain.py; the scenes are remade when it changes).")
+
+
 def build_scenes(work: Path) -> dict[tuple[str, str], Scene]:
     """Grid, degrade and prepare every site once (kept in ``work`` between runs, until the generator changes)."""
     scenes = {}
@@ -321,7 +333,8 @@ def run(work: Path, seeds: list[int], seconds: float, ablations: bool, only: lis
     scenes = build_scenes(work)
     train_scenes = [s for (site, _), s in scenes.items() if SITES[site][1] == "train"]
     tests = {key: s for key, s in scenes.items() if SITES[key[0]][1] == "test"}
-    results: dict = {"dsm": {}, "dtm": {}, "strata": {}, "epochs": {}, "calibration": {}, "calibration_dtm": {}}
+    results: dict = {"dsm": {}, "dtm": {}, "strata": {}, "epochs": {}, "calibration": {}, "calibration_dtm": {},
+                     "generator": scenes_generator(work)}
     models = {DEEPDEM: {}, **ABLATIONS} if ablations else DSM_MODELS
     if ablations and not only:
         only = [DEEPDEM, *ABLATIONS]
@@ -460,7 +473,7 @@ def epistemic(work: Path, seeds: list[int]) -> dict:
     """
     scenes = build_scenes(work)
     tests = {key: s for key, s in scenes.items() if SITES[key[0]][1] == "test"}
-    results: dict = {}
+    results: dict = {"generator": scenes_generator(work)}
     for key, scene in tests.items():
         for tta in (False, True):
             outputs = []
@@ -484,6 +497,8 @@ def epistemic_tables(results: dict, seeds: list[int]) -> list[str]:
     rows = ["| site | errors | σ from | 68 % interval covers (%) | 90 % covers (%) | Spearman σ vs abs(error) | "
             "median σ (m) | MAE (m) |", "|---|---|---|---:|---:|---:|---:|---:|"]
     for key, per in results.items():
+        if key == "generator":
+            continue
         for name in EPISTEMIC:
             values = per[name]
             cells = [range_cell([100.0 * v["coverage_68"] for v in values], 1), range_cell([100.0 * v["coverage_90"] for v in values], 1),
@@ -672,7 +687,7 @@ def main() -> None:
             parser.error(f"--epistemic needs an earlier run's results; missing: {', '.join(missing)}")
         results = json.loads(results_file.read_text()) if args.tables_only else epistemic(work, args.seeds)
         results_file.write_text(json.dumps(results, indent=1))
-        rows = epistemic_tables(results, args.seeds)
+        rows = epistemic_tables(results, args.seeds) + ["", generator_line(results)]
         print("\n".join(rows))
         if args.write:
             update_benchmarks("Uncertainty σ with TTA and seed ensembles",
@@ -689,7 +704,7 @@ def main() -> None:
         results = run(work, args.seeds, args.cpu_seconds, args.ablations, args.only)
         results_file.write_text(json.dumps(results, indent=1))
     make = ablation_tables if args.ablations else tables
-    rows = make(results, args.seeds, args.cpu_seconds)
+    rows = make(results, args.seeds, args.cpu_seconds) + ["", generator_line(results)]
     print("\n".join(rows))
     if args.write:
         command = (f"python bench/real_terrain.py --seeds {' '.join(map(str, args.seeds))} "
