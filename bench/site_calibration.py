@@ -31,7 +31,8 @@ from deepdem.refine import refine, sigma_path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _report import update_benchmarks  # noqa: E402
-from real_terrain import SITES, build_scenes, default_work, range_cell, read_refined, score  # noqa: E402
+from real_terrain import (SITES, build_scenes, default_work, generator_line, range_cell, read_refined,  # noqa: E402
+                          scenes_generator, score)
 
 #: the west strips the reference covers, as shares of the scene's columns
 PATCHES = (0.10, 0.25)
@@ -43,7 +44,7 @@ TRAINING = "training's factor"
 def run(work: Path, seeds: list[int]) -> dict:
     scenes = build_scenes(work)
     tests = {key: scene for key, scene in scenes.items() if SITES[key[0]][1] == "test"}
-    results: dict = {}
+    results: dict = {"generator": scenes_generator(work)}
     for (site, errors), scene in tests.items():
         truth = scene.read("truth_dsm")
         first_scored = int(round(truth.shape[1] * SCORED_FROM))
@@ -82,6 +83,8 @@ def tables(results: dict, seeds: list[int]) -> list[str]:
             "Spearman σ vs abs(error) | median σ (m) |", "|---|---|---|---:|---:|---:|---:|---:|"]
     within = {}
     for key, per in results.items():
+        if key == "generator":
+            continue
         for name, values in per.items():
             c68, c90 = [100 * v["coverage_68"] for v in values], [100 * v["coverage_90"] for v in values]
             within.setdefault(name, []).append(abs(np.median(c68) - 68) <= 5 and abs(np.median(c90) - 90) <= 5)
@@ -94,7 +97,7 @@ def tables(results: dict, seeds: list[int]) -> list[str]:
              "", f"Checkpoints: deepdem (defaults) of `bench/real_terrain.py`, seeds {', '.join(map(str, seeds))} "
              "(median over seeds, min–max). The site factor is `deepdem calibrate` fitted on the LIDAR truth of the "
              f"scene's west strip; σ is scored on its east {100 * (1 - SCORED_FROM):.0f} % for every row. Spearman "
-             "is the same for every factor: one factor does not change σ's ranks."]
+             "is the same for every factor: one factor does not change σ's ranks.", "", generator_line(results)]
     return rows
 
 
