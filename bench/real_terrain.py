@@ -50,6 +50,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from scipy import ndimage
 
+from deepdem import stereo, synth
 from deepdem.baselines import compute_baselines
 from deepdem.evaluate import evaluate_arrays
 from deepdem.lidar import grid_lidar, write_products
@@ -57,7 +58,6 @@ from deepdem.models import DEFAULT_BANDS
 from deepdem.prepare import prepare_from_asp_dir
 from deepdem.refine import refine, sigma_path
 from deepdem.scene import Scene
-from deepdem import stereo, synth
 from deepdem.synth import synth_from_lidar
 from deepdem.train import TrainConfig, train
 
