@@ -22,7 +22,7 @@ from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _report import update_benchmarks  # noqa: E402
-from real_terrain import ERRORS, build_scenes, default_work  # noqa: E402
+from real_terrain import ERRORS, build_scenes, default_work, generator_line, scenes_generator  # noqa: E402
 
 from deepdem.evaluate import error_metrics  # noqa: E402
 from deepdem.products import slope_degrees  # noqa: E402
@@ -90,7 +90,8 @@ def main() -> None:
              "correlation with |error| is over every pixel where both are known and the map is above 0 (1: it "
              "ranks the errors exactly). Canopy: more than 2.5 m above the LIDAR DTM with "
              "NDVI ≥ 0.3; building edges: within 2 px of the boundary of the other raised objects; open ground: "
-             "more than 2 px from any raised object, by the slope of the LIDAR DTM."]
+             "more than 2 px from any raised object, by the slope of the LIDAR DTM.",
+             "", generator_line({"generator": scenes_generator(Path(args.work))})]
     print("\n".join(rows))
     if args.write:
         update_benchmarks("Stereo error generators on real LIDAR truths", "python bench/synth_errors.py --write", rows)
