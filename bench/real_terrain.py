@@ -184,6 +184,9 @@ def build_scenes(work: Path) -> dict[tuple[str, str], Scene]:
                 synth_from_lidar(raw, truth_dir / "dsm.tif", truth_dir / "dtm.tif", errors=errors, seed=100 + index)
                 prepare_from_asp_dir(raw, prepared)
                 stamp_generator(prepared)
+            elif not Scene.open(prepared).has("parallax"):  # prepared before prepare measured parallax
+                prepare_from_asp_dir(raw, prepared)
+                stamp_generator(prepared)
             scenes[(site, errors)] = Scene.open(prepared)
     return scenes
 

@@ -111,6 +111,7 @@ def test_asp_prefix_and_truth_are_enough(capsys, synth_dir, tmp_path):
                           "--out", tmp_path / "scene")
     assert code == 0, err
     scene = Scene.open(tmp_path / "scene")
+    # no --views: no parallax band
     assert set(scene.bands) == {"dsm", "ortho_left", "ortho_right", "triangulation_error", "ndvi", "nodata_mask", "truth_dsm"}
     inputs = scene.manifest["provenance"]["inputs"]
     assert inputs["ortho_left"].endswith("left_ortho.tif") and inputs["triangulation_error"].endswith("run-IntersectionErr.tif")

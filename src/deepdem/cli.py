@@ -60,6 +60,7 @@ def _prepare(args) -> int:
         ndvi_bands=pair(args.ndvi_bands, "--ndvi-bands") if args.ndvi_bands else None,
         image_band=args.image_band, coregister=args.coregister, coregister_max_ndvi=args.coregister_max_ndvi,
         coregister_max_slope=args.coregister_max_slope, hls=hls,
+        views=((args.views[0], args.views[1]), (args.views[2], args.views[3])) if args.views else None,
     )
     files = dict(dsm=args.dsm, ortho_left=args.ortho_left, ortho_right=args.ortho_right,
                  triangulation_error=args.triangulation_error)
@@ -248,6 +249,9 @@ def _add_prepare_parser(subparsers) -> None:
     p.add_argument("--hls", metavar="START/END", help="NDVI from NASA HLS L30+S30 in this date window (YYYY-MM-DD/YYYY-MM-DD)")
     p.add_argument("--stac-url", default="https://cmr.earthdata.nasa.gov/stac/LPCLOUD", help="STAC API for --hls")
     p.add_argument("--max-cloud", type=number(float, 0, 100), default=None, help="skip HLS granules above this cloud cover (%%)")
+    p.add_argument("--views", nargs=4, type=number(float, -360, 360), metavar=("AZ_LEFT", "OFF_NADIR_LEFT", "AZ_RIGHT", "OFF_NADIR_RIGHT"),
+                   help="each image's satellite azimuth and off-nadir angle in degrees (WorldView IMD: meanSatAz, "
+                   "meanOffNadirViewAngle): adds the parallax band, the DSM error the orthos still see")
     p.add_argument("--image-band", type=positive_int, default=None, help="band of multiband orthos to use (default: mean of bands)")
     p.add_argument("--truth", help="reference DSM (e.g. from LIDAR)")
     p.add_argument("--truth-dtm", help="reference DTM")

@@ -19,6 +19,7 @@ from a multiband raster or from HLS (:mod:`deepdem.imagery`).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import warnings
@@ -203,6 +204,7 @@ def prepare_scene(
     coregister_max_slope: float = 40.0,
     coregister_max_shift_px: float = 10.0,
     hls: dict | None = None,
+    views: tuple | None = None,
 ) -> Scene:
     """Align the inputs onto one grid and write a Scene directory at ``out``.
 
@@ -213,8 +215,10 @@ def prepare_scene(
     does not lower the NMAD on stable ground, or exceeds ``coregister_max_shift_px``, is
     reported but not applied). ``hls``
     (keyword arguments of :func:`deepdem.imagery.hls_ndvi`, e.g. ``{"start": ..., "end": ...}``)
-    computes NDVI from HLS when no ``ndvi`` is given. Nothing is written at ``out`` unless every
-    input is usable.
+    computes NDVI from HLS when no ``ndvi`` is given. ``views``, the two images' satellite
+    (azimuth, off-nadir angle) in degrees (or :class:`deepdem.synth.View`), adds the ``parallax``
+    band: the DSM's error as the orthos still see it (:mod:`deepdem.parallax`). Nothing is
+    written at ``out`` unless every input is usable.
     """
     inputs = _checked_inputs({"dsm": dsm, "ortho_left": ortho_left, "ortho_right": ortho_right,
                               "triangulation_error": triangulation_error, "ndvi": ndvi,
@@ -243,6 +247,8 @@ def prepare_scene(
         provenance["coregistration"] = _coregister(bands, grid, dsm, coregister_max_ndvi, coregister_max_slope,
                                                    coregister_max_shift_px)
 
+    if views is not None:
+        bands["parallax"], provenance["parallax"] = _parallax(bands, grid, views)
     for band in ("ortho_left", "ortho_right"):
         bands[band] = equalize_image(bands[band], clahe_kernel, clahe_clip)
     mask = nodata_mask(bands)
@@ -345,6 +351,24 @@ def _coregister(bands: dict[str, np.ndarray], grid: Grid, dsm: str | os.PathLike
     return record
 
 
+def _parallax(bands: dict[str, np.ndarray], grid: Grid, views) -> tuple[np.ndarray, dict]:
+    """The parallax band from the aligned (co-registered, not yet equalised) orthos."""
+    from .parallax import height_error_from_parallax
+    from .synth import View
+
+    views = tuple(v if isinstance(v, View) else View(*map(float, v)) for v in views)
+    if len(views) != 2:
+        raise InputError(f"views: two (azimuth, off-nadir) pairs expected, got {len(views)}")
+    if abs(abs(grid.resolution[0]) - abs(grid.resolution[1])) > 1e-6 * abs(grid.resolution[0]):
+        raise InputError(f"the parallax band needs square pixels, the grid's are {grid.resolution}")
+    log.info("measuring the orthos' residual parallax (views %s, %s)", *views)
+    height_error = height_error_from_parallax(bands["ortho_left"], bands["ortho_right"], views,
+                                              abs(grid.resolution[0]))
+    record = {"views": [{"azimuth": v.azimuth, "off_nadir": v.off_nadir} for v in views],
+              "method": "deepdem.parallax: Lucas-Kanade optical flow between the orthos, along the views' parallax"}
+    return height_error, record
+
+
 def prepare_from_asp_prefix(
     prefix: str | os.PathLike,
     out: str | os.PathLike,
@@ -366,14 +390,20 @@ def prepare_from_asp_prefix(
 
 
 def prepare_from_asp_dir(directory: str | os.PathLike, out: str | os.PathLike, with_truth: bool = True) -> Scene:
-    """Prepare a scene from a directory written by ``deepdem synth`` (ASP file names)."""
+    """Prepare a scene from a directory written by ``deepdem synth`` (ASP file names), with the
+    views its ``synth.json`` records."""
     from .synth import ASP_FILES
 
     directory = Path(directory)
+    record = directory / "synth.json"
+    views = None
+    if record.exists():
+        views = [(v["azimuth"], v["off_nadir"]) for v in json.loads(record.read_text())["config"]["views"]]
     return prepare_from_asp_prefix(
         directory / ASP_FILES["dsm"][: -len("-DEM.tif")], out,
         truth=directory / ASP_FILES["truth_dsm"] if with_truth else None,
         truth_dtm=directory / ASP_FILES["truth_dtm"] if with_truth else None,
+        views=views,
     )
 
 

@@ -13,6 +13,8 @@ A scene directory looks like::
       ortho_right.tif
       triangulation_error.tif   metres
       ndvi.tif              [-1, 1]
+      parallax.tif          metres the DSM is too high, from the orthos' residual parallax
+                            (when the views' geometry is known)
       nodata_mask.tif       uint8, 1 where every input band is valid, 0 elsewhere
       truth_dsm.tif         optional targets, metres
       truth_dtm.tif
@@ -84,12 +86,13 @@ BANDS: dict[str, BandSpec] = {
         BandSpec("ortho_right", "image", "right orthoimage, equalised [0, 1]", "bilinear", 0.0),
         BandSpec("triangulation_error", "error", "stereo triangulation error (m)", "bilinear", -1.0),
         BandSpec("ndvi", "index", "NDVI [-1, 1]", "bilinear", 0.0),
+        BandSpec("parallax", "height error", "DSM error seen as parallax between the orthos (m)", "bilinear", 0.0),
         BandSpec("nodata_mask", "mask", "1 where every input band is valid", "nearest", 0.0),
         BandSpec("truth_dsm", "height", "reference (LIDAR) DSM (m)", "bilinear", 0.0),
         BandSpec("truth_dtm", "height", "reference (LIDAR) DTM (m)", "bilinear", 0.0),
     )
 }
-INPUT_BANDS = ("dsm", "ortho_left", "ortho_right", "triangulation_error", "ndvi", "nodata_mask")
+INPUT_BANDS = ("dsm", "ortho_left", "ortho_right", "triangulation_error", "ndvi", "parallax", "nodata_mask")
 TARGET_BANDS = ("truth_dsm", "truth_dtm")
 
 

@@ -50,7 +50,7 @@ class TrainConfig:
 
     scenes: list[str] = field(default_factory=list, metadata={"help": "scene directories to train on"})
     out: str = field(default="run", metadata={"help": "run directory: best.ckpt, checkpoints/, logs/"})
-    bands: list[str] | None = field(default=None, metadata={"help": "input bands by name; default: the six DeepDEM bands present in every scene"})
+    bands: list[str] | None = field(default=None, metadata={"help": "input bands by name; default: those of the seven default bands (the six DeepDEM bands and parallax) present in every scene"})
     target: str = field(default="dsm", metadata={"help": "dsm, dtm, or both (two heads)"})
     arch: str = field(default="Unet", metadata={"help": "ResDepth or a segmentation-models-pytorch class (Unet, UnetPlusPlus, FPN, DeepLabV3Plus, ...)"})
     encoder: str = field(default="resnet18", metadata={"help": "smp encoder name (ignored by ResDepth)"})
@@ -471,7 +471,7 @@ def _train(config: TrainConfig, extra_callbacks: list[Callback]) -> TrainResult:
 
 
 def _input_bands(config: TrainConfig, opened: Sequence[Scene]) -> list[str]:
-    """The input bands: the configured ones, or the six DeepDEM bands present in every scene."""
+    """The input bands: the configured ones, or the default bands present in every scene."""
     bands = config.bands
     if bands is None:
         bands = [b for b in DEFAULT_BANDS if all(s.has(b) for s in opened)]
@@ -523,7 +523,8 @@ def _model_kwargs(config: TrainConfig, bands: list[str], gsf: dict[str, float], 
         "sigma_head": "branch" if config.uncertainty else None,
         "normalisation": f"dsm: holes {'filled by IDW, ' if config.fill_holes else ''}(dsm - chip mean) / "
         f"{'training' if config.scale_source == 'checkpoint' else 'scene'} scale factor, nodata -> 0; "
-        "orthos: CLAHE [0,1], nodata -> 0; triangulation_error: m, nodata -> -1; ndvi: nodata -> 0",
+        "orthos: CLAHE [0,1], nodata -> 0; triangulation_error: m, nodata -> -1; ndvi: nodata -> 0; "
+        "parallax: m, nodata -> 0",
         "datapath": [str(s.path.resolve()) for s in opened],
         "validation": ([str(s.path.resolve()) for s in val_opened] if val_opened
                        else f"hold-out stripe {holdout:g}" if holdout > 0 else "the training scenes (fit)"),
