@@ -8,15 +8,16 @@ semi-global matcher). Models train on the training sites (both error kinds) and 
 the other sites and on a held-out tile of a training site:
 
 * the initial DSM and the filters of :mod:`deepdem.baselines`;
-* a plain smp Unet-resnet18 written here the simple way (all bands, holes filled by nearest
+* a plain smp Unet-resnet18 written here the simple way (the six bands a user has, holes filled by nearest
   neighbour, the training scenes' scale factor, L1, random flipped chips, constant Adam 5e-4,
   no hold-out, 50 % overlap with a Hann window);
 * both ResDepth baselines (ResDepth's UNet on the DSM alone, and on the DSM and both images);
-* deepdem at its defaults, and deepdem with the defaults before this benchmark (each scene's own
+* deepdem at its defaults (which read the parallax band that ``prepare`` measures between the
+  orthos from the views ``synth`` records), and deepdem with the defaults before this benchmark (each scene's own
   scale factor, holes at the chip mean, a 20 % hold-out, a randomly initialised output layer, no
   relief augmentation) to measure what the changes bought; with ``--ablations``, each change
-  undone on its own, candidate defaults, and two inputs each left out (the triangulation
-  error, NDVI) beside them;
+  undone on its own, candidate defaults, and three inputs each left out (the triangulation
+  error, NDVI, the parallax band) beside them;
 * for the terrain under vegetation, deepdem ``--target dtm`` against the SMRF ground filter;
 * on a held-out scene of another pixel size than the training scenes' (Autzen, 1 m), deepdem as refine
   does by default (at the training pixel size, the result averaged back) beside ``--scene-pixel-size``.
@@ -115,6 +116,8 @@ ABLATIONS = {
     # network take from the triangulation error (metres, unscaled) and from NDVI?
     "deepdem, no triangulation error": dict(bands=[b for b in DEFAULT_BANDS if b != "triangulation_error"]),
     "deepdem, no NDVI": dict(bands=[b for b in DEFAULT_BANDS if b != "ndvi"]),
+    # the orthos' residual parallax, which prepare measures from the views synth records
+    "deepdem, no parallax band": dict(bands=[b for b in DEFAULT_BANDS if b != "parallax"]),
 }
 
 

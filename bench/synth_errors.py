@@ -5,7 +5,8 @@ its working folder, or made there), the initial DSM of each generator — ``mode
 statistical model of ASP's errors) and ``sgbm`` (views rendered and matched by OpenCV's
 semi-global matcher) — is compared with the truth: holes, how well the triangulation-error map
 ranks the error (a network reads it as an input, so a map that knows where the DSM is wrong
-flatters a model's scores), and the error's median, NMAD and MAE on open ground by slope, under
+flatters a model's scores), how much of the error the parallax band (the DSM error measured
+between the two orthos by ``prepare``, :mod:`deepdem.parallax`) recovers on its own, and the error's median, NMAD and MAE on open ground by slope, under
 canopy and at building edges.
 
     python bench/synth_errors.py [--write]
@@ -55,9 +56,10 @@ def main() -> None:
     args = parser.parse_args()
     scenes = build_scenes(Path(args.work))
     names = ["open, slope < 10°", "open, slope ≥ 10°", "canopy", "building edges (±2 px)"]
-    rows = ["| site | errors | holes | triangulation error ~ abs(error), Spearman | "
+    rows = ["| site | errors | holes | triangulation error ~ abs(error), Spearman | parallax band ~ error, r | "
+            "MAE of DSM − parallax band ÷ MAE of DSM | "
             + " | ".join(f"{n}: median / NMAD / MAE (m)" for n in names) + " |",
-            "|---|---|---:|---:|" + "---:|" * len(names)]
+            "|---|---|---:|---:|---:|---:|" + "---:|" * len(names)]
     totals: dict[str, dict[str, list]] = {e: {n: [] for n in names} for e in ERRORS}
     for (site, errors), scene in scenes.items():
         truth, dsm = scene.read("truth_dsm"), scene.read("dsm")
@@ -66,6 +68,10 @@ def main() -> None:
         # The map read as a σ of the error: its rank correlation with |error| is what the
         # evaluation reports for a σ, on the pixels where the error and the map are both known.
         ranking = calibration_metrics(error, scene.read("triangulation_error"))["spearman"]
+        parallax = scene.read("parallax")
+        both = np.isfinite(error) & np.isfinite(parallax)
+        correlation = np.corrcoef(error[both], parallax[both])[0, 1]
+        recovered = np.mean(np.abs(error[both] - parallax[both])) / np.mean(np.abs(error[both]))
         cells = []
         for name, mask in strata(scene).items():
             where = mask & np.isfinite(error)
@@ -75,7 +81,8 @@ def main() -> None:
             m = error_metrics(error[where])
             totals[errors][name].append(error[where])
             cells.append(f"{m['median']:+.2f} / {m['nmad']:.2f} / {m['mae']:.2f}")
-        rows.append(f"| {site} | {errors} | {holes:.0%} | {ranking:.2f} | " + " | ".join(cells) + " |")
+        rows.append(f"| {site} | {errors} | {holes:.0%} | {ranking:.2f} | {correlation:.2f} | {recovered:.2f} | "
+                    + " | ".join(cells) + " |")
     for errors in ERRORS:
         cells = []
         for name in names:
@@ -84,11 +91,12 @@ def main() -> None:
                 cells.append(f"{m['median']:+.2f} / {m['nmad']:.2f} / {m['mae']:.2f}")
             else:
                 cells.append("")
-        rows.append(f"| all sites | {errors} | | | " + " | ".join(cells) + " |")
+        rows.append(f"| all sites | {errors} | | | | | " + " | ".join(cells) + " |")
     rows += ["", "Errors are initial DSM − LIDAR truth on the pixels where both have data; holes are the share of "
              "the truth's pixels the initial DSM leaves empty; the triangulation error's Spearman rank "
              "correlation with |error| is over every pixel where both are known and the map is above 0 (1: it "
-             "ranks the errors exactly). Canopy: more than 2.5 m above the LIDAR DTM with "
+             "ranks the errors exactly). The parallax band's Pearson correlation with the error, and the MAE left "
+             "when the band is subtracted from the DSM, are over the pixels where both are known. Canopy: more than 2.5 m above the LIDAR DTM with "
              "NDVI ≥ 0.3; building edges: within 2 px of the boundary of the other raised objects; open ground: "
              "more than 2 px from any raised object, by the slope of the LIDAR DTM.",
              "", generator_line({"generator": scenes_generator(Path(args.work))})]

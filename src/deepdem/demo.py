@@ -76,7 +76,7 @@ def run_demo(
     step(f"generating a training scene (seed {train_seed}) and a held-out scene (seed {heldout_seed}), {size}x{size} px")
     synth_scene(out / "raw_train", seed=train_seed, size=size)
     synth_scene(out / "raw_heldout", seed=heldout_seed, size=size)
-    step("preparing scenes (alignment, nodata mask, CLAHE, scale factors)")
+    step("preparing scenes (alignment, nodata mask, parallax between the orthos, CLAHE, scale factors)")
     train_scene = prepare_from_asp_dir(out / "raw_train", out / "scene_train")
     heldout_scene = prepare_from_asp_dir(out / "raw_heldout", out / "scene_heldout")
     step(f"training {train_epochs} epochs, for at most {train_minutes:g} min (chip {chip_size}, "

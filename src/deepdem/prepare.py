@@ -356,9 +356,9 @@ def _parallax(bands: dict[str, np.ndarray], grid: Grid, views) -> tuple[np.ndarr
     from .parallax import height_error_from_parallax
     from .synth import View
 
+    if len(views) != 2 or not all(isinstance(v, View) or len(v) == 2 for v in views):
+        raise InputError(f"views: two (azimuth, off-nadir) pairs expected, got {views!r}")
     views = tuple(v if isinstance(v, View) else View(*map(float, v)) for v in views)
-    if len(views) != 2:
-        raise InputError(f"views: two (azimuth, off-nadir) pairs expected, got {len(views)}")
     if abs(abs(grid.resolution[0]) - abs(grid.resolution[1])) > 1e-6 * abs(grid.resolution[0]):
         raise InputError(f"the parallax band needs square pixels, the grid's are {grid.resolution}")
     log.info("measuring the orthos' residual parallax (views %s, %s)", *views)
