@@ -85,3 +85,13 @@ def test_cli_views_flag_adds_the_band_and_bad_angles_exit_2(synth_dir, tmp_path,
     assert main([*base, "--views", "250", "80", "80", "18", "--out", str(tmp_path / "bad")]) == 2
     assert "off-nadir" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+def test_blocks_give_the_whole_scene_estimate_away_from_their_seams():
+    dz = _smooth_error((300, 300))
+    left, right = _textured_pair(dz)
+    whole = height_error_from_parallax(left, right, VIEWS, RESOLUTION, block=1024)
+    blocks = height_error_from_parallax(left, right, VIEWS, RESOLUTION, block=128)
+    assert np.isfinite(blocks).all()
+    # each block sees 64 px around it: the same flow, but for the pyramid's depth
+    assert np.mean(np.abs(blocks - whole)) < 0.05 * np.mean(np.abs(dz))

@@ -31,6 +31,9 @@ NORMALISATION_RADIUS = 7
 #: modelled errors, 3 gave correlations with the true error of 0.54 and 0.77; 2 gave 0.53 and
 #: 0.76, and 5 gave 0.50 and 0.78.
 FLOW_RADIUS = 3
+#: The flow is measured in blocks of this many pixels a side, each read with MARGIN more on every
+#: side, so that a 10 km scene needs the memory of one block, not of the whole scene.
+BLOCK, MARGIN = 2048, 64
 
 
 def parallax_per_metre(views: tuple[View, View], resolution: float) -> np.ndarray:
@@ -59,19 +62,31 @@ def _locally_normalised(image: np.ndarray, valid: np.ndarray) -> np.ndarray:
 
 
 def height_error_from_parallax(left: np.ndarray, right: np.ndarray, views: tuple[View, View],
-                               resolution: float) -> np.ndarray:
+                               resolution: float, block: int = BLOCK) -> np.ndarray:
     """Per-pixel estimate (m, float32) of how much the DSM the orthos were mapprojected through
-    is too high; NaN where either ortho has no data."""
+    is too high; NaN where either ortho has no data. ``block``: see :data:`BLOCK`."""
     from skimage.registration import optical_flow_ilk
 
     if left.shape != right.shape:
         raise InputError(f"orthos of different shapes {left.shape} and {right.shape}")
     valid = np.isfinite(left) & np.isfinite(right)
-    if valid.sum() < 16:
-        return np.full(left.shape, np.nan, dtype=np.float32)
     relative = parallax_per_metre(views, resolution)
-    # The flow that warps the right ortho onto the left: (rows, columns).
-    flow_rows, flow_cols = optical_flow_ilk(_locally_normalised(left, valid), _locally_normalised(right, valid),
-                                            radius=FLOW_RADIUS, gaussian=True)
-    height_error = (flow_cols * relative[0] + flow_rows * relative[1]) / float(relative @ relative)
-    return np.where(valid, height_error, np.nan).astype(np.float32)
+    height_error = np.full(left.shape, np.nan, dtype=np.float32)
+    height, width = left.shape
+    for row in range(0, height, block):
+        for col in range(0, width, block):
+            # the block with its margin, and where the block lies inside it
+            r0, c0 = max(row - MARGIN, 0), max(col - MARGIN, 0)
+            r1, c1 = min(row + block + MARGIN, height), min(col + block + MARGIN, width)
+            window = (slice(r0, r1), slice(c0, c1))
+            inner = (slice(row - r0, min(row + block, height) - r0), slice(col - c0, min(col + block, width) - c0))
+            ok = valid[window]
+            if ok.sum() < 16:
+                continue
+            # The flow that warps the right ortho onto the left: (rows, columns).
+            flow_rows, flow_cols = optical_flow_ilk(_locally_normalised(left[window], ok),
+                                                    _locally_normalised(right[window], ok),
+                                                    radius=FLOW_RADIUS, gaussian=True)
+            estimate = (flow_cols * relative[0] + flow_rows * relative[1]) / float(relative @ relative)
+            height_error[row:row + block, col:col + block] = np.where(ok, estimate, np.nan)[inner]
+    return height_error
