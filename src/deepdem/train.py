@@ -477,7 +477,8 @@ def _input_bands(config: TrainConfig, opened: Sequence[Scene]) -> list[str]:
         bands = [b for b in DEFAULT_BANDS if all(s.has(b) for s in opened)]
         dropped = sorted(set(DEFAULT_BANDS) - set(bands))
         if dropped:
-            log.warning("training without band(s) %s: not in every scene", ", ".join(dropped))
+            log.warning("training without band(s) %s: not in every scene%s", ", ".join(dropped),
+                        " (prepare with --views for the parallax band)" if "parallax" in dropped else "")
     bands = list(bands)
     if "dsm" not in bands:
         raise InputError("the bands must include 'dsm': the network refines it")
