@@ -13,9 +13,10 @@ the other sites and on a held-out tile of a training site:
   no hold-out, 50 % overlap with a Hann window);
 * both ResDepth baselines (ResDepth's UNet on the DSM alone, and on the DSM and both images);
 * deepdem at its defaults (which read the parallax band that ``prepare`` measures between the
-  orthos from the views ``synth`` records), and deepdem with the defaults before this benchmark (each scene's own
-  scale factor, holes at the chip mean, a 20 % hold-out, a randomly initialised output layer, no
-  relief augmentation) to measure what the changes bought; with ``--ablations``, each change
+  orthos from the views ``synth`` records), and deepdem with the training defaults before this
+  benchmark (each scene's own scale factor, holes at the chip mean, a 20 % hold-out, a randomly
+  initialised output layer, no relief augmentation; today's input bands, the parallax band
+  among them) to measure what those changes bought; with ``--ablations``, each change
   undone on its own, candidate defaults, and three inputs each left out (the triangulation
   error, NDVI, the parallax band) beside them;
 * for the terrain under vegetation, deepdem ``--target dtm`` against the SMRF ground filter;
