@@ -79,6 +79,9 @@ def test_checkpoint_whose_bands_the_scene_lacks_is_refused(tmp_path):
         refine(zero_residual_task(), scene, tmp_path / "out.tif", progress=False)
     with pytest.raises(CheckpointError, match="lack 'dsm'"):
         refine(zero_residual_task(bands=["ortho_left"]), scene, tmp_path / "out.tif", progress=False)
+    with pytest.raises(CheckpointError, match="lacks band\\(s\\) parallax .*prepare the scene with --views"):
+        refine(zero_residual_task(bands=["dsm", "parallax"]), scene, tmp_path / "out.tif", progress=False)
+    assert not (tmp_path / "out.tif").exists()
     no_dsm = save_checkpoint(zero_residual_task(bands=["ortho_left"]), tmp_path / "no_dsm.ckpt")
     with pytest.raises(CheckpointError, match="no_dsm.ckpt: checkpoint bands \\['ortho_left'\\] lack 'dsm'"):
         refine(no_dsm, scene, tmp_path / "out.tif", progress=False)
