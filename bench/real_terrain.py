@@ -24,12 +24,15 @@ the other sites and on a held-out tile of a training site:
   does by default (at the training pixel size, the result averaged back) beside ``--scene-pixel-size``.
 
 Every model gets the same budget of process CPU seconds, the same chips of 128 px, batches of
-16 and bf16 autocast on the CPU; each runs with several seeds and the tables give the median and
-the range. CPU seconds resist a busy machine better than wall time, but not wholly: torch's
+16 and the same precision (bf16 autocast on a CPU with native bf16, float32 on others); each
+runs with several seeds and the tables give the median and the range. CPU seconds resist a busy machine better than wall time, but not wholly: torch's
 threads spin while they wait for a core, and that counts. With a test suite running beside it,
 the defaults trained 4 epochs in their budget instead of 8, so run it on a quiet machine.
 
     python bench/real_terrain.py [--seeds 0 1 2] [--cpu-seconds 240] [--write]
+
+``--views-unknown`` trains and refines deepdem's defaults on the scenes prepared with the views'
+angles and on the same inputs prepared without them (the pair's geometry then fitted by train).
 
 Then, on the checkpoints it saved: ``--recalibrate`` refits σ's calibration factors with the
 current training code, and ``--epistemic`` scores σ with the models' disagreement added (refine's
@@ -56,11 +59,11 @@ from deepdem import stereo, synth
 from deepdem.baselines import compute_baselines
 from deepdem.evaluate import evaluate_arrays
 from deepdem.lidar import grid_lidar, write_products
-from deepdem.models import DEFAULT_BANDS
-from deepdem.prepare import prepare_from_asp_dir
+from deepdem.models import DEFAULT_BANDS, autocast_is_fast
+from deepdem.prepare import prepare_from_asp_dir, prepare_from_asp_prefix
 from deepdem.refine import refine, sigma_path
 from deepdem.scene import Scene
-from deepdem.synth import synth_from_lidar
+from deepdem.synth import ASP_FILES, synth_from_lidar
 from deepdem.train import TrainConfig, train
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -82,6 +85,8 @@ SITES = {
 }
 ERRORS = ("model", "sgbm")
 CHIP = 128
+#: bf16 autocast where deepdem's defaults use it (a CPU with native bf16), float32 elsewhere
+AUTOCAST = autocast_is_fast("cpu")
 DEEPDEM = "deepdem (defaults)"
 BEFORE = "deepdem, previous defaults"
 PLAIN = "plain smp Unet-resnet18"
@@ -195,6 +200,22 @@ def build_scenes(work: Path) -> dict[tuple[str, str], Scene]:
     return scenes
 
 
+def build_scenes_without_views(work: Path, scenes: dict[tuple[str, str], Scene]) -> dict[tuple[str, str], Scene]:
+    """The same generated inputs prepared without the views' angles, as the prepare command of a
+    user who has ASP's rasters and not the cameras: each stores the orthos' shift, train fits the
+    pair's geometry on the training scenes' truth, refine reads the held-out scenes with it."""
+    blind = {}
+    for site, errors in scenes:
+        index = list(SITES).index(site)
+        raw, prepared = work / f"raw{index}-{errors}", work / f"scene{index}-{errors}-views-unknown"
+        if not made_by_current_generator(prepared):
+            prepare_from_asp_prefix(raw / ASP_FILES["dsm"][: -len("-DEM.tif")], prepared,
+                                    truth=raw / ASP_FILES["truth_dsm"], truth_dtm=raw / ASP_FILES["truth_dtm"])
+            stamp_generator(prepared)
+        blind[(site, errors)] = Scene.open(prepared)
+    return blind
+
+
 def model_inputs(scene: Scene) -> tuple[np.ndarray, np.ndarray]:
     """Plain UNet: the six bands (DSM holes nearest-filled, NaN → 0) and the valid mask."""
     dsm = scene.read("dsm")
@@ -236,7 +257,7 @@ def plain_unet_train(scenes: list[Scene], seconds: float, seed: int, target: str
             inputs.append(sample.copy()), bases.append(base.copy()), targets.append(t.copy())
         x = torch.from_numpy(np.stack(inputs)).contiguous(memory_format=torch.channels_last)
         base, t = torch.from_numpy(np.stack(bases))[:, None], torch.from_numpy(np.stack(targets))[:, None]
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=AUTOCAST):
             prediction = model(x).float() * scale + base
         valid = torch.isfinite(t)
         loss = (prediction - torch.nan_to_num(t))[valid].abs().mean()
@@ -255,7 +276,7 @@ def plain_unet_predict(model, scale: float, scene: Scene, chip: int = CHIP) -> n
     stride = chip // 2
     rows = sorted({*range(0, max(h - chip, 0) + 1, stride), max(h - chip, 0)})
     cols = sorted({*range(0, max(w - chip, 0) + 1, stride), max(w - chip, 0)})
-    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=AUTOCAST):
         for r in rows:
             for c in cols:
                 sample = x[:, r : r + chip, c : c + chip].copy()
@@ -390,6 +411,61 @@ def run(work: Path, seeds: list[int], seconds: float, ablations: bool, only: lis
     return results
 
 
+VIEWS_GIVEN, VIEWS_UNKNOWN = "deepdem, views' angles given", "deepdem, views' angles unknown"
+
+
+def views_unknown(work: Path, seeds: list[int], seconds: float) -> dict:
+    """deepdem at its defaults trained and refined twice per seed: on the scenes prepared with the
+    views' angles, and on the same inputs prepared without them (:func:`build_scenes_without_views`)."""
+    from deepdem.models import load_checkpoint
+    from deepdem.parallax import shift_per_metre
+
+    scenes = build_scenes(work)
+    results: dict = {"dsm": {}, "geometry": {}, "generator": scenes_generator(work)}
+    views = json.loads(next(work.glob("raw*-model/synth.json")).read_text())["config"]["views"]
+    results["views_geometry"] = shift_per_metre(tuple(synth.View(v["azimuth"], v["off_nadir"]) for v in views)).tolist()
+    for variant, (name, chosen) in enumerate(((VIEWS_GIVEN, scenes), (VIEWS_UNKNOWN, build_scenes_without_views(work, scenes)))):
+        train_scenes = [s for (site, _), s in chosen.items() if SITES[site][1] == "train"]
+        tests = {key: s for key, s in chosen.items() if SITES[key[0]][1] == "test"}
+        for seed in seeds:
+            started = time.time()
+            run_dir = work / f"views-{seed}-{variant}"
+            result = train(train_scenes, run_dir, config=TrainConfig(chip_size=CHIP, max_epochs=100_000, seed=seed,
+                                                                     progress=False), callbacks=[CpuBudget(seconds)])
+            results["geometry"].setdefault(name, []).append(load_checkpoint(result.checkpoint).model_kwargs.get("parallax_geometry"))
+            for key, scene in tests.items():
+                refined = refine(result.checkpoint, scene, run_dir / "refined.tif", progress=False)
+                maes = score(scene, {name: read_refined(refined), **initial_and_baselines(scene)}).metrics
+                per = results["dsm"].setdefault(f"{key[0]}|{key[1]}", {})
+                per.setdefault(name, []).append(maes[name]["mae"])
+                per["initial DSM"] = [maes["initial DSM"]["mae"]]
+            print(f"seed {seed} | {name}: {result.epochs} epochs, {time.time() - started:.0f} s", flush=True)
+    return results
+
+
+def views_unknown_tables(results: dict, seeds: list[int], seconds: float) -> list[str]:
+    rows = ["| site | errors | initial MAE (m) | MAE ÷ initial, angles given | MAE ÷ initial, angles unknown | "
+            "unknown ÷ given |", "|---|---|---:|---:|---:|---:|"]
+    for key, per in results["dsm"].items():
+        initial = per["initial DSM"][0]
+        given, unknown = per[VIEWS_GIVEN], per[VIEWS_UNKNOWN]
+        rows.append(f"| {' | '.join(key.split('|'))} | {initial:.3f} | {range_cell([m / initial for m in given])} | "
+                    f"{range_cell([m / initial for m in unknown])} | "
+                    f"{range_cell([u / g for u, g in zip(unknown, given)])} |")
+    fitted = results["geometry"][VIEWS_UNKNOWN]
+    given_geometry = results["views_geometry"]
+    rows += ["", f"deepdem at its defaults, trained {seconds:.0f} CPU s per seed (seeds {', '.join(map(str, seeds))}) on the "
+             "training sites' scenes prepared with `--views` (the angles `synth` used) and on the same inputs prepared "
+             "without them, then refined on the held-out scenes prepared the same way. Without the angles, `prepare` "
+             "stores the orthos' shift, `train` fits the pair's shift per metre of DSM error on each training scene's "
+             "truth, and `refine` reads the held-out scenes with the training scenes' median. Ratios: median over "
+             "seeds (min–max); the last column seed by seed.", "",
+             f"Shift per metre of DSM error (along columns, rows): from the views' angles ({given_geometry[0]:.3f}, "
+             f"{given_geometry[1]:.3f}); fitted, per seed: "
+             + ", ".join(f"({g[0]:.3f}, {g[1]:.3f})" if g else "none" for g in fitted) + "."]
+    return rows
+
+
 def plain_unet(train_scenes, tests, seconds, seed, results):
     started = time.time()
     model, scale, steps = plain_unet_train(train_scenes, seconds, seed)
@@ -452,7 +528,7 @@ def recalibrate(work: Path, seeds: list[int], results: dict) -> dict:
             validation = ChipDataset(arrays, [spatial_split(s.shape, CHIP, 0.0)[1] for s in train_scenes],
                                      kwargs["bands"], CHIP, "val")
             loader = DataLoader(validation, batch_size=16, collate_fn=collate_chips)
-            kwargs["sigma_temperature"] = calibrate_sigma(task, loader, "cpu", autocast=True)
+            kwargs["sigma_temperature"] = calibrate_sigma(task, loader, "cpu", autocast=AUTOCAST)
             save_checkpoint(task, checkpoint)
             for key, scene in tests.items():
                 refined = refine(checkpoint, scene, work / run / "recalibrated.tif", progress=False)
@@ -625,7 +701,7 @@ def tables(results: dict, seeds: list[int], seconds: float) -> list[str]:
             rows.append(f"| … {len(worse) - 15} more (`results.json` in the working folder) | | | | |")
     rows += ["", f"Training: sites {', '.join(s for s, v in SITES.items() if v[1] == 'train')}, both error kinds "
              f"(6 scenes); seeds {', '.join(map(str, seeds))}; {seconds:.0f} s of process CPU time per model; chips of "
-             f"{CHIP} px, batch 16, bf16 autocast. Median epochs of 512 chips: {median_epochs(results)}. Scores on the pixels valid "
+             f"{CHIP} px, batch 16, {'bf16 autocast' if AUTOCAST else 'float32 (this CPU has no native bf16)'}. Median epochs of 512 chips: {median_epochs(results)}. Scores on the pixels valid "
              "in the truth and in the inputs (refine's output mask)."]
     return rows
 
@@ -680,12 +756,27 @@ def main() -> None:
     parser.add_argument("--epistemic", action="store_true",
                         help="score σ with the models' disagreement added (--tta, the seeds' ensemble) on the "
                         "last run's checkpoints (a section of its own)")
+    parser.add_argument("--views-unknown", action="store_true",
+                        help="deepdem's defaults on scenes prepared with and without the views' angles "
+                        "(a section of its own)")
     parser.add_argument("--write", action="store_true", help="update BENCHMARKS.md")
     args = parser.parse_args()
     if args.write and args.only:
         parser.error("--write needs every model: drop --only")
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
+    if args.views_unknown:
+        results_file = work / "views-unknown.json"
+        results = (json.loads(results_file.read_text()) if args.tables_only
+                   else views_unknown(work, args.seeds, args.cpu_seconds))
+        results_file.write_text(json.dumps(results, indent=1))
+        rows = views_unknown_tables(results, args.seeds, args.cpu_seconds) + ["", generator_line(results)]
+        print("\n".join(rows))
+        if args.write:
+            update_benchmarks("The parallax band when the views' angles are unknown",
+                              f"python bench/real_terrain.py --seeds {' '.join(map(str, args.seeds))} "
+                              f"--cpu-seconds {args.cpu_seconds:.0f} --views-unknown --write", rows)
+        return
     if args.epistemic:
         results_file = work / "epistemic.json"
         wanted = [results_file] if args.tables_only else [work / f"run-{seed}-0" / "best.ckpt" for seed in args.seeds]

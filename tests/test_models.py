@@ -167,3 +167,17 @@ def test_adam_uses_the_fused_kernel_on_the_cpu():
     task = DeepDEMRegressionTask({"bands": ["dsm"], "chip_size": 64, "arch": "ResDepth"})
     optimizer = task.configure_optimizers()["optimizer"]
     assert optimizer.defaults["fused"] is True
+
+
+def test_autocast_only_where_the_hardware_makes_it_fast(monkeypatch, tmp_path):
+    from deepdem.models import autocast_is_fast
+    from deepdem.train import TrainConfig, _trainer
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for native, precision in ((False, "32-true"), (True, "bf16-mixed")):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+        assert autocast_is_fast("cpu") is native
+        trainer, _ = _trainer(TrainConfig(max_epochs=1), tmp_path / str(native), progress=False, extra_callbacks=[])
+        assert str(trainer.precision) == precision
+    assert autocast_is_fast("cuda")

@@ -6,10 +6,13 @@ import json
 
 import numpy as np
 import pytest
+import rasterio
+from rasterio.windows import Window
 from scipy import ndimage
 
 from deepdem.errors import InputError
-from deepdem.parallax import height_error_from_parallax, parallax_per_metre
+from deepdem.parallax import (fit_scene_geometry, fit_shift_per_metre, height_error_from_parallax,
+                              parallax_per_metre, shift_per_metre)
 from deepdem.scene import Scene
 from deepdem.synth import View, fractal_surface, render_ortho
 
@@ -95,3 +98,76 @@ def test_blocks_give_the_whole_scene_estimate_away_from_their_seams():
     assert np.isfinite(blocks).all()
     # each block sees 64 px around it: the same flow, but for the pyramid's depth
     assert np.mean(np.abs(blocks - whole)) < 0.05 * np.mean(np.abs(dz))
+
+
+# -- a pair whose angles were not given: the geometry fitted on the truth ---------------------
+
+def test_the_pairs_geometry_is_recovered_from_shifts_that_follow_the_error():
+    dz = _smooth_error((200, 200)).ravel()
+    geometry = shift_per_metre(VIEWS)
+    exact = fit_shift_per_metre(dz * geometry[0], dz * geometry[1], dz + 5.0)  # an offset shows no parallax
+    assert exact == pytest.approx(geometry, rel=1e-6)
+    # the flow's noise is correlated between its two components, as along edges
+    rng = np.random.default_rng(2)
+    along_edges = rng.normal(size=dz.size)
+    noisy = fit_shift_per_metre(dz * geometry[0] + 0.8 * along_edges, dz * geometry[1] - 0.6 * along_edges, dz)
+    angle = np.degrees(np.arctan2(noisy[1], noisy[0]) - np.arctan2(geometry[1], geometry[0]))
+    assert abs(angle) < 5.0
+    # the band is the best linear estimate: shrunk by the noise, so the vector is longer
+    assert np.hypot(*noisy) > np.hypot(*geometry)
+
+
+def test_shifts_that_do_not_follow_the_error_are_refused():
+    rng = np.random.default_rng(3)
+    dz = _smooth_error((120, 120)).ravel()
+    with pytest.raises(InputError, match="does not follow"):
+        fit_shift_per_metre(rng.normal(size=dz.size), rng.normal(size=dz.size), dz)
+    with pytest.raises(InputError, match="at least"):
+        fit_shift_per_metre(dz[:10], dz[:10], dz[:10])
+
+
+@pytest.fixture(scope="module")
+def scene_without_views(synth_dir, tmp_path_factory):
+    from deepdem.prepare import prepare_from_asp_prefix
+
+    return prepare_from_asp_prefix(synth_dir / "run", tmp_path_factory.mktemp("noviews") / "scene",
+                                   truth=synth_dir / "truth_dsm.tif")
+
+
+def test_a_scene_without_views_derives_the_band_from_its_shift(scene_without_views, prepared_scene):
+    assert scene_without_views.stores_parallax_shift and not scene_without_views.has("parallax")
+    assert scene_without_views.manifest["provenance"]["parallax"]["views"] is None
+    geometry = fit_scene_geometry(scene_without_views)
+    derived = scene_without_views.with_parallax_geometry(geometry)
+    assert derived.has("parallax") and derived.sources("parallax") == ["parallax_shift_x", "parallax_shift_y"]
+    dz = derived.read("dsm") - derived.read("truth_dsm")
+    band, from_views = derived.read("parallax"), prepared_scene.read("parallax")
+    ok = np.isfinite(dz) & np.isfinite(band) & np.isfinite(from_views)
+    fitted_r = np.corrcoef(dz[ok], band[ok])[0, 1]
+    # as good an estimate of the error as the band the views' angles give
+    assert fitted_r > 0.4 and fitted_r > np.corrcoef(dz[ok], from_views[ok])[0, 1] - 0.03
+    window = Window(20, 30, 64, 48)
+    out = np.empty((48, 64), np.float32)
+    assert derived.read("parallax", window, out=out) is out
+    np.testing.assert_array_equal(out, band[30:78, 20:84])
+
+
+def test_train_fits_the_geometry_and_refine_reads_an_unseen_scene_with_it(scene_without_views, synth_dir, tmp_path,
+                                                                          caplog):
+    from deepdem.models import load_checkpoint
+    from deepdem.prepare import prepare_from_asp_prefix
+    from deepdem.refine import refine
+    from deepdem.train import train
+
+    result = train([scene_without_views], tmp_path / "run", chip_size=64, batch_size=4, max_epochs=1,
+                   samples_per_epoch=8, progress=False)
+    kwargs = load_checkpoint(result.checkpoint).model_kwargs
+    assert "parallax" in kwargs["bands"]
+    assert kwargs["parallax_geometry"] == pytest.approx(fit_scene_geometry(scene_without_views))
+    unseen = prepare_from_asp_prefix(synth_dir / "run", tmp_path / "unseen")  # no truth: refine's case
+    with caplog.at_level("WARNING"):
+        out = refine(result.checkpoint, unseen.path, tmp_path / "refined.tif", progress=False)
+    assert "training pair's geometry" in caplog.text
+    with rasterio.open(out) as refined:
+        written = np.isfinite(refined.read(1, masked=True).filled(np.nan))
+    np.testing.assert_array_equal(written, unseen.read("nodata_mask") > 0)

@@ -111,8 +111,10 @@ def test_asp_prefix_and_truth_are_enough(capsys, synth_dir, tmp_path):
                           "--out", tmp_path / "scene")
     assert code == 0, err
     scene = Scene.open(tmp_path / "scene")
-    # no --views: no parallax band
-    assert set(scene.bands) == {"dsm", "ortho_left", "ortho_right", "triangulation_error", "ndvi", "nodata_mask", "truth_dsm"}
+    # no --views: the orthos' shift, from which train derives the parallax band
+    assert set(scene.bands) == {"dsm", "ortho_left", "ortho_right", "triangulation_error", "ndvi", "nodata_mask",
+                                "truth_dsm", "parallax_shift_x", "parallax_shift_y"}
+    assert scene.stores_parallax_shift and not scene.has("parallax")
     inputs = scene.manifest["provenance"]["inputs"]
     assert inputs["ortho_left"].endswith("left_ortho.tif") and inputs["triangulation_error"].endswith("run-IntersectionErr.tif")
     with rasterio.open(synth_dir / "run-DEM.tif") as dem:

@@ -251,7 +251,8 @@ def _add_prepare_parser(subparsers) -> None:
     p.add_argument("--max-cloud", type=number(float, 0, 100), default=None, help="skip HLS granules above this cloud cover (%%)")
     p.add_argument("--views", nargs=4, type=number(float, -360, 360), metavar=("AZ_LEFT", "OFF_NADIR_LEFT", "AZ_RIGHT", "OFF_NADIR_RIGHT"),
                    help="each image's satellite azimuth and off-nadir angle in degrees (WorldView IMD: meanSatAz, "
-                   "meanOffNadirViewAngle): adds the parallax band, the DSM error the orthos still see")
+                   "meanOffNadirViewAngle): adds the parallax band, the DSM error the orthos still see (without it, the "
+                   "orthos' shift is stored and train fits the pair's geometry on the truth)")
     p.add_argument("--image-band", type=positive_int, default=None, help="band of multiband orthos to use (default: mean of bands)")
     p.add_argument("--truth", help="reference DSM (e.g. from LIDAR)")
     p.add_argument("--truth-dtm", help="reference DTM")

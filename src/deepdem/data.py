@@ -33,7 +33,7 @@ from torch.utils.data import Dataset
 from .errors import InputError
 from .baselines import idw_fill
 from .io import atomic_path
-from .scene import BANDS, Scene
+from .scene import BANDS, PARALLAX_SHIFTS, Scene
 
 TARGET_BANDS = {"dsm": "truth_dsm", "dtm": "truth_dtm"}
 #: Training cache per pixel of a scene: six float32 inputs, the uint8 mask and one float32 truth.
@@ -240,7 +240,7 @@ class SceneArrays:
             if band in self.target_bands:
                 self._add(band, ["dsm", "nodata_mask", band], lambda band=band: _loss_target(scene, band))
             else:
-                self._add(band, [band], lambda band=band: _model_ready(scene.read(band), band, fill_holes),
+                self._add(band, scene.sources(band), lambda band=band: _model_ready(scene.read(band), band, fill_holes),
                           cache_name=f"{band}-holes" if band == "dsm" and not fill_holes else band)
         self.scale = scale if scale is not None else scene.scale_factor(chip_size)
         self.resolution = float(min(scene.grid.resolution))
@@ -307,7 +307,10 @@ class _ArrayCache:
 
     def _key(self, name: str, sources: list[str]) -> str:
         stats = [(s, self.scene.band_path(s).stat()) for s in sources]
-        digest = hashlib.sha1(repr([(s, st.st_size, st.st_mtime_ns) for s, st in stats]).encode()).hexdigest()[:16]
+        # a band derived from the orthos' shift also depends on the geometry it was derived with
+        derivation = self.scene.parallax_geometry if set(sources) & set(PARALLAX_SHIFTS) else None
+        digest = hashlib.sha1(repr([(s, st.st_size, st.st_mtime_ns) for s, st in stats] + [derivation]).encode()
+                              ).hexdigest()[:16]
         return f"{name}-{self.VERSION}-{digest}.npy"
 
     def _load(self, key: str) -> np.ndarray | None:

@@ -249,6 +249,8 @@ def prepare_scene(
 
     if views is not None:
         bands["parallax"], provenance["parallax"] = _parallax(bands, grid, views)
+    elif "ortho_left" in bands and "ortho_right" in bands:
+        provenance["parallax"] = _parallax_shift(bands, grid)
     for band in ("ortho_left", "ortho_right"):
         bands[band] = equalize_image(bands[band], clahe_kernel, clahe_clip)
     mask = nodata_mask(bands)
@@ -351,6 +353,24 @@ def _coregister(bands: dict[str, np.ndarray], grid: Grid, dsm: str | os.PathLike
     return record
 
 
+def _pixel_size(grid: Grid) -> tuple[float, float]:
+    return abs(grid.resolution[0]), abs(grid.resolution[1])
+
+
+def _parallax_shift(bands: dict[str, np.ndarray], grid: Grid) -> dict:
+    """The orthos' shift (the :data:`deepdem.scene.PARALLAX_SHIFTS` bands), from which train
+    and refine derive the parallax band with the pair's geometry when its angles are unknown."""
+    from .parallax import shift_between
+
+    log.info("measuring the orthos' residual parallax (the views' angles are unknown: give --views "
+             "to have it in metres of DSM error)")
+    bands["parallax_shift_x"], bands["parallax_shift_y"] = shift_between(
+        bands["ortho_left"], bands["ortho_right"], _pixel_size(grid))
+    return {"views": None,
+            "method": "deepdem.parallax: Lucas-Kanade optical flow between the orthos; the pair's geometry is "
+                      "fitted on the training scenes' truth by train, and recorded in the checkpoint for refine"}
+
+
 def _parallax(bands: dict[str, np.ndarray], grid: Grid, views) -> tuple[np.ndarray, dict]:
     """The parallax band from the aligned (co-registered, not yet equalised) orthos."""
     from .parallax import height_error_from_parallax
@@ -359,11 +379,9 @@ def _parallax(bands: dict[str, np.ndarray], grid: Grid, views) -> tuple[np.ndarr
     if len(views) != 2 or not all(isinstance(v, View) or len(v) == 2 for v in views):
         raise InputError(f"views: two (azimuth, off-nadir) pairs expected, got {views!r}")
     views = tuple(v if isinstance(v, View) else View(*map(float, v)) for v in views)
-    if abs(abs(grid.resolution[0]) - abs(grid.resolution[1])) > 1e-6 * abs(grid.resolution[0]):
-        raise InputError(f"the parallax band needs square pixels, the grid's are {grid.resolution}")
     log.info("measuring the orthos' residual parallax (views %s, %s)", *views)
     height_error = height_error_from_parallax(bands["ortho_left"], bands["ortho_right"], views,
-                                              abs(grid.resolution[0]))
+                                              _pixel_size(grid))
     record = {"views": [{"azimuth": v.azimuth, "off_nadir": v.off_nadir} for v in views],
               "method": "deepdem.parallax: Lucas-Kanade optical flow between the orthos, along the views' parallax"}
     return height_error, record
@@ -426,8 +444,9 @@ def resample_scene(scene: Scene, pixel_size_m: float, out: str | os.PathLike,
     t = scene.transform
     grid = Grid.from_bounds(scene.grid.bounds, pixel_size_m * scene.grid.res / source_size, scene.crs,
                             anchor=(t.c, t.f))
-    arrays = {name: align_to_grid(scene.band_path(name), grid, name)
-              for name in (bands or INPUT_BANDS) if scene.has(name)}
+    # a derived band (parallax from the orthos' shift) travels as what it is derived from
+    stored = dict.fromkeys(source for name in (bands or INPUT_BANDS) if scene.has(name) for source in scene.sources(name))
+    arrays = {name: align_to_grid(scene.band_path(name), grid, name) for name in stored}
     if "nodata_mask" in arrays:
         arrays["nodata_mask"] = ((np.nan_to_num(arrays["nodata_mask"]) > 0) & nodata_mask(arrays)).astype(np.uint8)
     return write_scene(out, grid, arrays, provenance={"resampled_from": str(scene.path.resolve()),

@@ -27,7 +27,7 @@ import os
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import rasterio
@@ -37,6 +37,7 @@ from rasterio.windows import Window
 
 from . import __version__
 from .errors import InputError
+from .parallax import PARALLAX_SHIFTS, height_error_from_shift
 from .grid import Grid
 from .io import atomic_directory, invalid_mask, write_raster
 
@@ -87,6 +88,10 @@ BANDS: dict[str, BandSpec] = {
         BandSpec("triangulation_error", "error", "stereo triangulation error (m)", "bilinear", -1.0),
         BandSpec("ndvi", "index", "NDVI [-1, 1]", "bilinear", 0.0),
         BandSpec("parallax", "height error", "DSM error seen as parallax between the orthos (m)", "bilinear", 0.0),
+        BandSpec("parallax_shift_x", "shift", "shift carrying the right ortho onto the left, along columns (m)",
+                 "bilinear", 0.0),
+        BandSpec("parallax_shift_y", "shift", "shift carrying the right ortho onto the left, along rows (m)",
+                 "bilinear", 0.0),
         BandSpec("nodata_mask", "mask", "1 where every input band is valid", "nearest", 0.0),
         BandSpec("truth_dsm", "height", "reference (LIDAR) DSM (m)", "bilinear", 0.0),
         BandSpec("truth_dtm", "height", "reference (LIDAR) DTM (m)", "bilinear", 0.0),
@@ -184,10 +189,28 @@ class Scene:
     >>> scene.scale_factor(256)
     """
 
-    def __init__(self, path: Path, manifest: dict):
+    def __init__(self, path: Path, manifest: dict, parallax_geometry: Sequence[float] | None = None):
         self.path = Path(path)
         self.manifest = manifest
         self.grid = Grid.from_json(manifest["grid"])
+        #: the pair's shift per metre of DSM error from which the parallax band is derived, when
+        #: the scene stores the orthos' shift instead of the band (its views were not given)
+        self.parallax_geometry = None if parallax_geometry is None else tuple(map(float, parallax_geometry))
+
+    def with_parallax_geometry(self, shift_per_metre: Sequence[float]) -> "Scene":
+        """This scene with a ``parallax`` band derived from the orthos' shift (the
+        :data:`PARALLAX_SHIFTS` bands that ``prepare`` stores when the views' angles are not
+        given) and the pair's geometry: metres of shift along columns and rows per metre of DSM
+        error (:func:`deepdem.parallax.shift_per_metre`). A scene that stores the band keeps it."""
+        if "parallax" in self.manifest["bands"]:
+            return self
+        missing = [b for b in PARALLAX_SHIFTS if b not in self.manifest["bands"]]
+        if missing:
+            raise InputError(f"no parallax band can be derived: the scene lacks {', '.join(missing)} "
+                             "(prepare it with both orthos)", self.path)
+        if len(shift_per_metre) != 2 or not np.all(np.isfinite(shift_per_metre)):
+            raise InputError(f"the pair's shift per metre of DSM error must be two finite numbers, got {shift_per_metre!r}")
+        return Scene(self.path, self.manifest, shift_per_metre)
 
     # -- opening -------------------------------------------------------------------------
     @classmethod
@@ -246,7 +269,19 @@ class Scene:
         return self.manifest["bands"][band].get("stats", {})
 
     def has(self, band: str) -> bool:
-        return band in self.manifest["bands"]
+        return band in self.manifest["bands"] or (band == "parallax" and self.parallax_geometry is not None)
+
+    @property
+    def stores_parallax_shift(self) -> bool:
+        """Whether the scene stores the orthos' shift instead of the parallax band (its views'
+        angles were not given): :meth:`with_parallax_geometry` derives the band."""
+        return "parallax" not in self.manifest["bands"] and all(b in self.manifest["bands"] for b in PARALLAX_SHIFTS)
+
+    def sources(self, band: str) -> list[str]:
+        """The stored bands that ``band`` is read from: itself, or the shifts of a derived parallax band."""
+        if band == "parallax" and "parallax" not in self.manifest["bands"] and self.parallax_geometry is not None:
+            return list(PARALLAX_SHIFTS)
+        return [band]
 
     def band_path(self, band: str) -> Path:
         if band not in self.manifest["bands"]:
@@ -266,6 +301,14 @@ class Scene:
         """
         if out is not None and out.dtype != np.float32:
             raise ValueError(f"out must be float32, got {out.dtype}")
+        if self.sources(band) == list(PARALLAX_SHIFTS):
+            derived = height_error_from_shift(*(self.read(b, window) for b in PARALLAX_SHIFTS), self.parallax_geometry)
+            if out is None:
+                return derived
+            if out.shape != derived.shape:
+                raise ValueError(f"{self.path}: out has shape {out.shape}, the window {derived.shape}")
+            np.copyto(out, derived)
+            return out
         with rasterio.open(self.band_path(band)) as src:
             # Boundless reads go through a VRT (~1.6x slower): only for windows that leave the raster.
             outside = window is not None and (

@@ -33,7 +33,8 @@ from torch.utils.data import DataLoader
 from .data import ChipDataset, SceneArrays, collate_chips, largest_fitting_chip, spatial_split
 from .errors import InputError
 from .flags import fraction, non_negative_int, number, positive, positive_int, share
-from .models import DEFAULT_BANDS, SCALE_SOURCES, TARGETS, DeepDEMRegressionTask, load_checkpoint, save_checkpoint
+from .models import (DEFAULT_BANDS, SCALE_SOURCES, TARGETS, DeepDEMRegressionTask, autocast_is_fast, load_checkpoint,
+                     save_checkpoint)
 from .scene import PIXEL_SIZE_TOLERANCE, Scene
 
 log = logging.getLogger(__name__)
@@ -74,7 +75,7 @@ class TrainConfig:
     uncertainty: bool = field(default=True, metadata={"help": "learn a per-pixel sigma beside each height (Laplace NLL, the mean still trained by L1) and calibrate it on the validation chips; refine then writes <out>_sigma.tif"})
     weight_averaging: bool = field(default=True, metadata={"help": "validate, keep and refine with a running average of the weights that leans on the run's last steps (TrailingWeightAverage)"})
     swap_images: bool = field(default=True, metadata={"help": "randomly swap the left and right images while training"})
-    precision: str = field(default="auto", metadata={"help": "auto (bf16-mixed where supported), 32-true, bf16-mixed, 16-mixed"})
+    precision: str = field(default="auto", metadata={"help": "auto (bf16-mixed on a GPU and on a CPU with native bf16, else 32-true), 32-true, bf16-mixed, 16-mixed"})
     channels_last: bool = field(default=True, metadata={"help": "channels-last memory format (about 1.4x faster on CPU)"})
     accelerator: str = field(default="auto", metadata={"help": "auto, cpu, gpu"})
     devices: int | str = field(default=1, metadata={"help": "devices per node (processes with --strategy ddp on CPU)"})
@@ -399,10 +400,11 @@ def _train(config: TrainConfig, extra_callbacks: list[Callback]) -> TrainResult:
     opened = [s if isinstance(s, Scene) else Scene.open(s) for s in config.scenes]
     if not opened:
         raise InputError("no scene given (--scene DIR)")
+    val_opened = [s if isinstance(s, Scene) else Scene.open(s) for s in config.val_scenes]
+    opened, val_opened, parallax_geometry = _derive_parallax(opened, val_opened)
     bands = _input_bands(config, opened)
     chip_size = config.chip_size
     target_bands = [f"truth_{t}" for t in TARGETS[config.target]]
-    val_opened = [s if isinstance(s, Scene) else Scene.open(s) for s in config.val_scenes]
     holdout = config.holdout_fraction if not val_opened else 0.0
     _check_scenes(opened, bands, target_bands, chip_size, split=holdout > 0)
     _check_scenes(val_opened, bands, target_bands, chip_size, split=False)
@@ -430,6 +432,8 @@ def _train(config: TrainConfig, extra_callbacks: list[Callback]) -> TrainResult:
     else:
         val_set = ChipDataset(arrays, [v for _, v in splits], bands, chip_size, "val")
     model_kwargs = _model_kwargs(config, bands, gsf, opened, val_opened, holdout)
+    if "parallax" in bands:
+        model_kwargs["parallax_geometry"] = parallax_geometry
     if initial is not None and initial.has_sigma:  # its weights fit its own σ head (earlier: joint)
         model_kwargs["sigma_head"] = initial.model_kwargs.get("sigma_head", "joint")
     task = DeepDEMRegressionTask(model_kwargs)
@@ -470,6 +474,38 @@ def _train(config: TrainConfig, extra_callbacks: list[Callback]) -> TrainResult:
     return _save_best(trainer, checkpointing, model_kwargs, val_loader, out, seconds, resumed_epoch)
 
 
+def _derive_parallax(opened: Sequence[Scene], val_opened: Sequence[Scene]
+                     ) -> tuple[list[Scene], list[Scene], list[float] | None]:
+    """Scenes prepared without the views' angles store the orthos' shift, not the parallax band.
+    Each such training scene gets its pair's geometry fitted on its truth DSM; the validation
+    scenes, as refine's scenes, are read with the training pairs' median geometry, which the
+    checkpoint records (``parallax_geometry``). Returns the scenes and that geometry (None
+    when no training scene has parallax)."""
+    from .parallax import fit_scene_geometry, shift_per_metre
+    from .synth import View
+
+    derived, geometries = [], []
+    for scene in opened:
+        views = (scene.manifest.get("provenance", {}).get("parallax") or {}).get("views")
+        if scene.has("parallax") and views:
+            geometries.append(shift_per_metre(tuple(View(v["azimuth"], v["off_nadir"]) for v in views)))
+        elif scene.stores_parallax_shift and not scene.has("parallax"):
+            try:
+                geometry = fit_scene_geometry(scene)
+            except InputError as exc:
+                log.warning("training without the parallax band of %s: %s", scene.path, exc)
+            else:
+                log.info("%s: the pair's shift per metre of DSM error, fitted on the truth: (%.3f, %.3f)",
+                         scene.path, *geometry)
+                geometries.append(geometry)
+                scene = scene.with_parallax_geometry(geometry)
+        derived.append(scene)
+    if not geometries:
+        return derived, list(val_opened), None
+    median = [float(v) for v in np.median(geometries, axis=0)]
+    return derived, [s.with_parallax_geometry(median) if s.stores_parallax_shift else s for s in val_opened], median
+
+
 def _input_bands(config: TrainConfig, opened: Sequence[Scene]) -> list[str]:
     """The input bands: the configured ones, or the default bands present in every scene."""
     bands = config.bands
@@ -478,7 +514,8 @@ def _input_bands(config: TrainConfig, opened: Sequence[Scene]) -> list[str]:
         dropped = sorted(set(DEFAULT_BANDS) - set(bands))
         if dropped:
             log.warning("training without band(s) %s: not in every scene%s", ", ".join(dropped),
-                        " (prepare with --views for the parallax band)" if "parallax" in dropped else "")
+                        " (prepare with both orthos, and a truth DSM or --views, for the parallax band)"
+                        if "parallax" in dropped else "")
     bands = list(bands)
     if "dsm" not in bands:
         raise InputError("the bands must include 'dsm': the network refines it")
@@ -557,7 +594,10 @@ def _trainer(config: TrainConfig, out: Path, progress: bool, extra_callbacks: li
     """The Lightning trainer of a run, and its checkpoint callback (which knows the best epoch)."""
     precision = config.precision
     if precision == "auto":
-        precision = "bf16-mixed" if (not torch.cuda.is_available() or torch.cuda.is_bf16_supported()) else "16-mixed"
+        if torch.cuda.is_available():
+            precision = "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+        else:
+            precision = "bf16-mixed" if autocast_is_fast("cpu") else "32-true"
     checkpointing = EpochCheckpoints(out / RESUME_POINT, monitor="val_mae")
     callbacks = [
         checkpointing,

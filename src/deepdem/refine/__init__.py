@@ -38,7 +38,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..errors import CheckpointError, InputError
-from ..models import DeepDEMRegressionTask, load_checkpoint, scale_for
+from ..models import DeepDEMRegressionTask, autocast_is_fast, load_checkpoint, scale_for
 from ..scene import Scene
 from .blocks import BlockRefiner, device_for, loaded_blocks
 from .distributed import refine_distributed
@@ -49,7 +49,7 @@ from .resampled import model_pixel_size, refine_resampled
 
 log = logging.getLogger(__name__)
 
-__all__ = ["refine", "sigma_path", "steady_heap", "BlockRefiner", "RefineSettings", "Block", "plan_blocks",
+__all__ = ["refine", "scene_for_model", "sigma_path", "steady_heap", "BlockRefiner", "RefineSettings", "Block", "plan_blocks",
            "blend_window", "blend_ramp", "cog_overview_factors", "COG_OPTIONS", "ABOVE_MAX_SIGMA", "TILE"]
 
 
@@ -62,7 +62,7 @@ def refine(
     overlap: float = 0.25,
     fill: bool = False,
     device: str | None = "auto",
-    bf16: bool = True,
+    bf16: bool | None = None,
     progress: bool = True,
     tta: bool = False,
     block_size: int = 2048,
@@ -89,6 +89,8 @@ def refine(
     many processes, ``scheduler`` connects to an existing one, ``client`` uses a Dask client.
     ``scale_source`` overrides the checkpoint's choice of DSM scale factor: 'checkpoint' (the
     training scenes' factor, the default of models trained since 0.3) or 'scene' (the scene's own).
+    ``bf16`` autocasts the network (default: where that is fast, a GPU or a CPU with native bf16:
+    :func:`deepdem.models.autocast_is_fast`).
 
     A model with σ (trained with ``uncertainty``) also writes :func:`sigma_path` (``<out
     stem>_sigma.tif``): per pixel, the standard deviation in metres of the predicted (Laplace)
@@ -107,9 +109,11 @@ def refine(
     """
     task = checkpoint if isinstance(checkpoint, DeepDEMRegressionTask) else load_checkpoint(checkpoint)
     source = None if isinstance(checkpoint, DeepDEMRegressionTask) else checkpoint
-    scene = scene if isinstance(scene, Scene) else Scene.open(scene)
+    scene = scene_for_model(scene if isinstance(scene, Scene) else Scene.open(scene), task.model_kwargs)
     out = Path(out)
     _check(task, scene, source, overlap, batch_size, block_size, workers, max_sigma, above_max_sigma)
+    if bf16 is None:
+        bf16 = autocast_is_fast(device_for(device or "auto"))
     pixel_size = model_pixel_size(task.model_kwargs, scene) if at_model_pixel_size else None
     if pixel_size is not None:
         return refine_resampled(refine, task, scene, out, pixel_size, resume, fill, batch_size=batch_size,
@@ -160,6 +164,21 @@ def refine(
         raise RuntimeError(f"refine finished with {len(unfinished)} block(s) not written; rerun with resume")
     publish(works, journal_path, out)
     return out
+
+
+def scene_for_model(scene: Scene, model_kwargs: dict) -> Scene:
+    """The scene as a model reads it: where the model reads the parallax band and the scene
+    stores only the orthos' shift (prepared without the views' angles), the band is derived with
+    the training pairs' geometry that the checkpoint records, which assumes the same kind of pair."""
+    geometry = model_kwargs.get("parallax_geometry")
+    if "parallax" not in model_kwargs.get("bands", ()) or not scene.stores_parallax_shift or scene.has("parallax"):
+        return scene
+    if geometry is None:
+        return scene  # _check names what is missing
+    log.warning("%s: the views' angles are unknown; its parallax is read with the training pair's geometry "
+                "(%.3f, %.3f m of shift per m of DSM error): prepare with --views if the pairs differ",
+                scene.path, *geometry)
+    return scene.with_parallax_geometry(geometry)
 
 
 def _check(task: DeepDEMRegressionTask, scene: Scene, source, overlap: float, batch_size: int, block_size: int,

@@ -61,6 +61,8 @@ def refine_resampled(refine, task, scene: Scene, out: Path, pixel_size: float, r
 
         bands = dict.fromkeys(["dsm", *task.model_kwargs["bands"]])
         resampled = resample_scene(scene, pixel_size, scene_dir, bands=bands)
+    if scene.parallax_geometry is not None:
+        resampled = resampled.with_parallax_geometry(scene.parallax_geometry)
     refined = refine(task, resampled, hidden / "refined.tif", resume=resume, fill=fill, at_model_pixel_size=False,
                      **settings)
     # A scene pixel gets the mean of the model's finer heights (and σ) over it, as a coarser DEM
