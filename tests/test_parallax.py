@@ -171,3 +171,14 @@ def test_train_fits_the_geometry_and_refine_reads_an_unseen_scene_with_it(scene_
     with rasterio.open(out) as refined:
         written = np.isfinite(refined.read(1, masked=True).filled(np.nan))
     np.testing.assert_array_equal(written, unseen.read("nodata_mask") > 0)
+
+
+def test_no_parallax_stores_neither_band_and_refuses_views(synth_dir, tmp_path, capsys):
+    from deepdem.cli import main
+
+    base = ["prepare", "--asp-prefix", str(synth_dir / "run"), "--no-parallax"]
+    assert main([*base, "--out", str(tmp_path / "scene")]) == 0
+    scene = Scene.open(tmp_path / "scene")
+    assert not scene.has("parallax") and not scene.stores_parallax_shift
+    assert main([*base, "--views", "250", "22", "80", "18", "--out", str(tmp_path / "both")]) == 2
+    assert "not both" in capsys.readouterr().err and not (tmp_path / "both").exists()
