@@ -433,6 +433,7 @@ def views_unknown(work: Path, seeds: list[int], seconds: float) -> dict:
             result = train(train_scenes, run_dir, config=TrainConfig(chip_size=CHIP, max_epochs=100_000, seed=seed,
                                                                      progress=False), callbacks=[CpuBudget(seconds)])
             results["geometry"].setdefault(name, []).append(load_checkpoint(result.checkpoint).model_kwargs.get("parallax_geometry"))
+            results.setdefault("epochs", {}).setdefault(name, []).append(result.epochs)
             for key, scene in tests.items():
                 refined = refine(result.checkpoint, scene, run_dir / "refined.tif", progress=False)
                 maes = score(scene, {name: read_refined(refined), **initial_and_baselines(scene)}).metrics
@@ -459,7 +460,10 @@ def views_unknown_tables(results: dict, seeds: list[int], seconds: float) -> lis
              "without them, then refined on the held-out scenes prepared the same way. Without the angles, `prepare` "
              "stores the orthos' shift, `train` fits the pair's shift per metre of DSM error on each training scene's "
              "truth, and `refine` reads the held-out scenes with the training scenes' median. Ratios: median over "
-             "seeds (min–max); the last column seed by seed.", "",
+             "seeds (min–max); the last column seed by seed. "
+             f"{'bf16 autocast' if AUTOCAST else 'float32 (this CPU has no native bf16)'}; epochs of 512 chips per "
+             "seed: " + "; ".join(f"{name}: {', '.join(map(str, epochs))}"
+                                  for name, epochs in results.get("epochs", {}).items()) + ".", "",
              f"Shift per metre of DSM error (along columns, rows): from the views' angles ({given_geometry[0]:.3f}, "
              f"{given_geometry[1]:.3f}); fitted, per seed: "
              + ", ".join(f"({g[0]:.3f}, {g[1]:.3f})" if g else "none" for g in fitted) + "."]
