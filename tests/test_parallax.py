@@ -182,3 +182,14 @@ def test_no_parallax_stores_neither_band_and_refuses_views(synth_dir, tmp_path, 
     assert not scene.has("parallax") and not scene.stores_parallax_shift
     assert main([*base, "--views", "250", "22", "80", "18", "--out", str(tmp_path / "both")]) == 2
     assert "not both" in capsys.readouterr().err and not (tmp_path / "both").exists()
+
+
+def test_training_records_the_geometry_a_caller_derived_the_band_with(scene_without_views, prepared_scene):
+    from deepdem.train import _derive_parallax
+
+    chosen = (0.8, -0.1)
+    scenes, _, geometry = _derive_parallax([scene_without_views.with_parallax_geometry(chosen)], [])
+    assert geometry == pytest.approx(list(chosen)) and scenes[0].has("parallax")
+    # a scene that stores the band brings the geometry of the views it was measured with
+    _, _, geometry = _derive_parallax([prepared_scene], [])
+    assert geometry == pytest.approx(list(shift_per_metre(VIEWS)))

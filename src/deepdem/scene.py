@@ -37,9 +37,9 @@ from rasterio.windows import Window
 
 from . import __version__
 from .errors import InputError
-from .parallax import PARALLAX_SHIFTS, height_error_from_shift
 from .grid import Grid
 from .io import atomic_directory, invalid_mask, write_raster
+from .parallax import PARALLAX_SHIFTS, height_error_from_shift
 
 SCENE_FORMAT = "deepdem-scene"
 SCENE_VERSION = 1

@@ -487,7 +487,9 @@ def _derive_parallax(opened: Sequence[Scene], val_opened: Sequence[Scene]
     derived, geometries = [], []
     for scene in opened:
         views = (scene.manifest.get("provenance", {}).get("parallax") or {}).get("views")
-        if scene.has("parallax") and views:
+        if scene.parallax_geometry is not None:  # derived by the caller (Scene.with_parallax_geometry)
+            geometries.append(np.asarray(scene.parallax_geometry))
+        elif scene.has("parallax") and views:
             geometries.append(shift_per_metre(tuple(View(v["azimuth"], v["off_nadir"]) for v in views)))
         elif scene.stores_parallax_shift and not scene.has("parallax"):
             try:
