@@ -11,8 +11,7 @@ from rasterio.windows import Window
 from scipy import ndimage
 
 from deepdem.errors import InputError
-from deepdem.parallax import (fit_scene_geometry, fit_shift_per_metre, height_error_from_parallax,
-                              parallax_per_metre, shift_per_metre)
+from deepdem.parallax import fit_scene_geometry, fit_shift_per_metre, height_error_from_parallax, shift_per_metre
 from deepdem.scene import Scene
 from deepdem.synth import View, fractal_surface, render_ortho
 
@@ -62,9 +61,9 @@ def test_nodata_in_either_image_is_nodata():
 
 def test_views_without_a_base_are_refused():
     with pytest.raises(InputError, match="base-to-height"):
-        parallax_per_metre((View(90.0, 20.0), View(90.0, 20.0)), RESOLUTION)
+        shift_per_metre((View(90.0, 20.0), View(90.0, 20.0)))
     with pytest.raises(InputError, match="off-nadir"):
-        parallax_per_metre((View(90.0, 75.0), View(270.0, 20.0)), RESOLUTION)
+        shift_per_metre((View(90.0, 75.0), View(270.0, 20.0)))
 
 
 def test_prepare_adds_the_band_from_the_views_synth_recorded(prepared_scene, synth_dir):

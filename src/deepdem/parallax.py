@@ -62,11 +62,6 @@ MIN_FIT_PIXELS = 1000
 MIN_FIT_CORRELATION = 0.1
 
 
-def parallax_per_metre(views: tuple[View, View], resolution: float) -> np.ndarray:
-    """(columns, rows) of parallax between the right and the left ortho per metre of DSM error."""
-    return shift_per_metre(views) / resolution
-
-
 def shift_per_metre(views: tuple[View, View]) -> np.ndarray:
     """(along columns, along rows): metres of shift between the orthos per metre of DSM error,
     from the views' angles (dimensionless; its length is the pair's base-to-height ratio)."""
@@ -92,11 +87,11 @@ def fit_shift_per_metre(shift_x: np.ndarray, shift_y: np.ndarray, height_error: 
     Two steps, each a regression with an intercept (a vertical offset of the whole DSM shows no
     parallax). The direction is the shifts' covariance with the error: the flow's noise is
     correlated between its two components (along edges it cannot tell them apart), so
-    regressing the error on both shifts at once gave directions 40° apart on two generated scenes
+    regressing the error on both shifts at once gave directions 72° apart on two generated scenes
     of one pair, and a band that transferred worse between them. The length is that of the
     regression of the error on the shift along that direction, so that the derived band is the
     best linear estimate of the error: a noisy shift is shrunk towards zero (on two generated
-    scenes the fitted vector came out 1.4× as long as the views'). Raises
+    scenes the fitted vector came out 1.3–1.4× as long as the views'). Raises
     :class:`InputError` when the orthos show no parallax that follows the DSM's error
     (correlation below :data:`MIN_FIT_CORRELATION`).
     """
@@ -127,7 +122,7 @@ def height_error_from_shift(shift_x: np.ndarray, shift_y: np.ndarray, per_metre)
     columns and rows, :func:`shift_between`) and the pair's shift per metre of error."""
     per_metre = np.asarray(per_metre, dtype=np.float64)
     norm = float(per_metre @ per_metre)
-    return ((shift_x * (per_metre[0] / norm) + shift_y * (per_metre[1] / norm))).astype(np.float32)
+    return (shift_x * (per_metre[0] / norm) + shift_y * (per_metre[1] / norm)).astype(np.float32)
 
 
 def _locally_normalised(image: np.ndarray, valid: np.ndarray) -> np.ndarray:
