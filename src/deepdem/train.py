@@ -491,7 +491,7 @@ def _derive_parallax(opened: Sequence[Scene], val_opened: Sequence[Scene]
             geometries.append(np.asarray(scene.parallax_geometry))
         elif scene.has("parallax") and views:
             geometries.append(shift_per_metre(tuple(View(v["azimuth"], v["off_nadir"]) for v in views)))
-        elif scene.stores_parallax_shift and not scene.has("parallax"):
+        elif scene.stores_parallax_shift:  # and no geometry yet: the first branch takes a given one
             try:
                 geometry = fit_scene_geometry(scene)
             except InputError as exc:
