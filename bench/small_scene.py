@@ -24,6 +24,10 @@ then ``deepdem train --init`` fine-tunes it on the crop for the check's minutes,
 defaults seed by seed; the fine-tuned model, the defaults and the checkpoint alone refine the
 unseen scenes. It keeps its own results and writes its own BENCHMARKS.md section.
 
+``--refine-only`` refines the unseen scenes again with each seed's saved defaults checkpoint,
+at today's ``refine`` defaults, and keeps the plain UNet's results: a change to ``refine`` alone
+is measured on the same trained models.
+
 ``--tta`` measures ``deepdem refine --tta`` (the 8 flips and rotations of each chip averaged, 8×
 the compute): each seed's defaults run refines the unseen scenes twice, at the defaults and with
 ``--tta``, so the two differ only in the refining. Its own results and section too.
@@ -32,6 +36,7 @@ the compute): each seed's defaults run refines the unseen scenes twice, at the d
     python bench/small_scene.py --variant="--relief-share 0.25" --write
     python bench/small_scene.py --fine-tune --write
     python bench/small_scene.py --tta --write
+    python bench/small_scene.py --refine-only --write
 """
 
 from __future__ import annotations
@@ -124,7 +129,8 @@ def plain_run(training: Scene, tests: dict[str, Scene], seed: int, minutes: floa
     return refined, round(steps * 16 / 512, 1)
 
 
-def run(work: Path, seeds: list[int], minutes: float, methods: list[str], results: dict) -> dict:
+def run(work: Path, seeds: list[int], minutes: float, methods: list[str], results: dict,
+        refine_only: bool = False) -> dict:
     scenes = build_scenes_without_views(work, build_scenes(work))
     if not any(site == TRAINING_SITE for site, _ in scenes):
         print(f"small_scene.py: error: the training site {TRAINING_SITE} is missing (set DEEPDEM_DATA)", file=sys.stderr)
@@ -134,6 +140,8 @@ def run(work: Path, seeds: list[int], minutes: float, methods: list[str], result
             del results[stale]
     for method in methods:
         results[method] = {"ratio": {}, "worse_strata": {}, "epochs": {}, "seeds": seeds, "minutes": minutes}
+    if refine_only:
+        results["deepdem"]["refined_again"] = True
     if FINE_TUNED in methods:  # one checkpoint for every seed and error kind, as a user downloads one
         results[PRETRAINED] = {"ratio": {}, "worse_strata": {}, "epochs": {}, "seeds": [0], "minutes": minutes,
                                "sites": sorted({site for (site, _) in scenes if SITES[site][1] == "train"} - {TRAINING_SITE})}
@@ -147,7 +155,15 @@ def run(work: Path, seeds: list[int], minutes: float, methods: list[str], result
                    json.loads((pretrained / "train.json").read_text())["epochs"])
         for seed in seeds:
             for method in [m for m in methods if m != TTA_REFINED]:  # the defaults' runs refine for --tta
-                if method == "deepdem":
+                if method == "deepdem" and refine_only:
+                    run_dir = work / f"small-run-{errors}-{seed}"
+                    if not (run_dir / "best.ckpt").exists():
+                        print(f"small_scene.py: error: --refine-only: no checkpoint in {run_dir}; run the check "
+                              "first", file=sys.stderr)
+                        raise SystemExit(2)
+                    refined = refine_all(run_dir, tests)
+                    epochs = json.loads((run_dir / "train.json").read_text())["epochs"]
+                elif method == "deepdem":
                     run_dir = work / f"small-run-{errors}-{seed}"
                     refined, epochs = deepdem_run(training, tests, run_dir, seed, minutes)
                     if TTA_REFINED in methods:
@@ -207,7 +223,10 @@ def tables(results: dict) -> list[str]:
              "geometry fitted by `train` on the crop). "
              f"The plain UNet is the one of the real-terrain benchmark (all bands, L1, random chips, no "
              f"hold-out, the training scene's scale factor, 50 % overlap with a Hann window), trained on the "
-             f"same crop for the same {minutes:g} wall-clock minutes at chip {CHIP}. Median epochs of 512 chips: "
+             f"same crop for the same {minutes:g} wall-clock minutes at chip {CHIP}. "
+             + ("deepdem's checkpoints were refined again at today's `deepdem refine` defaults (`--refine-only`). "
+                if ours.get("refined_again") else "")
+             + f"Median epochs of 512 chips: "
              f"{epochs}. The check asks for a ratio ≤ 0.60 on both unseen scenes (the tile of the same city "
              "and the forest) and no scene above 1.0."]
     for method in sorted(m for m in results if m.startswith(VARIANT)):
@@ -289,9 +308,16 @@ def main() -> None:
     parser.add_argument("--tta", action="store_true",
                         help="refine each defaults run again with 'deepdem refine --tta' and compare, seed by seed "
                         "(its own results and BENCHMARKS.md section)")
+    parser.add_argument("--refine-only", action="store_true",
+                        help="refine the unseen scenes again with the last run's deepdem checkpoints (same seeds and "
+                        "minutes), keeping the plain UNet's results: for a change to refine alone")
     parser.add_argument("--tables-only", action="store_true", help="print (and --write) the tables of the last run")
     parser.add_argument("--write", action="store_true", help="update BENCHMARKS.md")
     args = parser.parse_args()
+    if args.refine_only:
+        if args.fine_tune or args.tta or args.variant is not None or args.tables_only:
+            parser.error("--refine-only re-refines the defaults' checkpoints: give it alone")
+        args.only = ["deepdem"]
     if args.fine_tune and args.tta:
         parser.error("--fine-tune and --tta are two comparisons: run them one after the other")
     for flag, given in (("--fine-tune", args.fine_tune), ("--tta", args.tta)):
@@ -319,8 +345,9 @@ def main() -> None:
             return
     results_file = work / "small-scene.json"
     earlier = json.loads(results_file.read_text()) if results_file.exists() else {}
-    if args.tables_only or "deepdem" not in args.only:
-        flag = "--tables-only" if args.tables_only else "--variant" if args.variant else "--only"
+    if args.tables_only or args.refine_only or "deepdem" not in args.only:
+        flag = ("--tables-only" if args.tables_only else "--refine-only" if args.refine_only
+                else "--variant" if args.variant else "--only")
         if "deepdem" not in earlier:
             parser.error(f"{flag}: no earlier deepdem run in {work} "
                          f"({results_file.name} is missing or has none)")
@@ -330,14 +357,15 @@ def main() -> None:
     if args.tables_only:
         results = earlier
     else:
-        results = run(work, args.seeds, args.minutes, args.only, earlier)
+        results = run(work, args.seeds, args.minutes, args.only, earlier, refine_only=args.refine_only)
         results_file.write_text(json.dumps(results, indent=1))
     rows = tables(results)
     print("\n".join(rows))
     if args.write:
         seeds, minutes = results["deepdem"]["seeds"], results["deepdem"]["minutes"]
         base = f"python bench/small_scene.py --seeds {' '.join(map(str, seeds))} --minutes {minutes:g}"
-        commands = [f"{base} --write"] + [f"{base} --variant=\"{method[len(VARIANT):]}\" --write"
+        commands = [f"{base} --write"] + ([f"{base} --refine-only --write"] if results["deepdem"].get("refined_again")
+                                          else []) + [f"{base} --variant=\"{method[len(VARIANT):]}\" --write"
                                           for method in sorted(m for m in results if m.startswith(VARIANT))]
         update_benchmarks("Small-scene transfer check", "`, then `".join(commands), rows)
 

@@ -539,3 +539,71 @@ def test_a_killed_refine_at_the_model_pixel_size_resumes_to_the_same_bytes(tmp_p
     assert out.read_bytes() == whole.read_bytes()
     assert sigma_path(out).read_bytes() == sigma_path(whole).read_bytes()
     assert not hidden.exists()
+
+
+class ParallaxEcho(torch.nn.Module):
+    """A 'network' whose correction is ``sign`` × the parallax band: −1 corrects the DSM against
+    the error the orthos show, +1 moves it along that error."""
+
+    def __init__(self, channel: int, sign: float):
+        super().__init__()
+        self.channel, self.sign = channel, sign
+
+    def forward(self, x):
+        return self.sign * x[:, [self.channel]]
+
+
+def parallax_echo_task(sign: float):
+    bands = [*BANDS[:-1], "parallax", "nodata_mask"]
+    task = zero_residual_task(bands=bands)
+    task.model = ParallaxEcho(bands.index("parallax"), sign)
+    return task
+
+
+def test_parallax_check_measures_how_the_correction_follows_the_band(prepared_scene):
+    from deepdem.refine import RefineSettings
+    from deepdem.refine.agreement import correction_agreement
+
+    bands = [*BANDS[:-1], "parallax", "nodata_mask"]
+    settings = RefineSettings(bands=tuple(bands), chip=64, stride=48, overlap=0.25, scale=2.0, fallback_mean=0.0,
+                              block_size=256, bf16=False, device="cpu")
+    against = correction_agreement(parallax_echo_task(-1.0), prepared_scene, settings)
+    along = correction_agreement(parallax_echo_task(1.0), prepared_scene, settings)
+    assert against.correlation == pytest.approx(1.0, abs=1e-4) and along.correlation == pytest.approx(-1.0, abs=1e-4)
+    assert against.passed and not along.passed
+    # the sample is the whole of a scene this small: every pixel with a band and an output
+    assert against.pixels == along.pixels > 0.8 * np.isfinite(prepared_scene.read("parallax")).sum()
+    # a model without the band, or without a DSM head, is not checked
+    without_band = RefineSettings(**{**settings.__dict__, "bands": tuple(BANDS)})
+    assert correction_agreement(zero_residual_task(), prepared_scene, without_band) is None
+    dtm_only = RefineSettings(**{**settings.__dict__, "targets": ("dtm",)})
+    assert correction_agreement(parallax_echo_task(1.0), prepared_scene, dtm_only) is None
+
+
+def test_parallax_check_keeps_the_initial_dsm_where_the_correction_runs_along_the_error(prepared_scene, tmp_path,
+                                                                                        caplog):
+    dsm, parallax = prepared_scene.read("dsm"), prepared_scene.read("parallax")
+    following, _ = read(refine(parallax_echo_task(-1.0), prepared_scene, tmp_path / "f.tif", bf16=False,
+                               progress=False))
+    valid = following != FLOAT_NODATA
+    ok = valid & np.isfinite(parallax)
+    assert np.corrcoef((following - dsm)[ok], -parallax[ok])[0, 1] > 0.99  # written as the model gave it
+    with caplog.at_level("WARNING", logger="deepdem.refine.agreement"):
+        kept, _ = read(refine(parallax_echo_task(1.0), prepared_scene, tmp_path / "a.tif", bf16=False,
+                              progress=False))
+    assert "does not transfer" in caplog.text and "correlation -1.00" in caplog.text
+    np.testing.assert_array_equal(kept != FLOAT_NODATA, valid)  # the same pixels written...
+    np.testing.assert_array_equal(kept[valid], dsm[valid])  # ...with the initial DSM, bit for bit
+    unchecked, _ = read(refine(parallax_echo_task(1.0), prepared_scene, tmp_path / "u.tif", bf16=False,
+                               progress=False, parallax_check=False))
+    assert np.corrcoef((unchecked - dsm)[ok], -parallax[ok])[0, 1] < -0.99
+
+
+def test_parallax_check_samples_windows_inside_the_scene_and_over_all_of_a_small_one():
+    from deepdem.refine.agreement import SAMPLE_GRID, sample_blocks
+
+    assert [(b.row0, b.row1, b.col0, b.col1) for b in sample_blocks((192, 150))] == [(0, 192, 0, 150)]
+    large = sample_blocks((10_000, 600))
+    assert len(large) == SAMPLE_GRID * 3
+    assert all(0 <= b.row0 < b.row1 <= 10_000 and 0 <= b.col0 < b.col1 <= 600 for b in large)
+    assert {b.row0 for b in large} == {0, 3248, 6496, 9744} and {b.col0 for b in large} == {0, 172, 344}

@@ -141,7 +141,8 @@ def _refine(args) -> int:
                       device=args.device, progress=not args.quiet, overlap=args.overlap, tta=args.tta,
                       block_size=args.block_size, resume=args.resume, workers=args.workers,
                       scheduler=args.scheduler, scale_source=args.scale_source, max_sigma=args.max_sigma,
-                      above_max_sigma=args.above_max_sigma, at_model_pixel_size=not args.scene_pixel_size)
+                      above_max_sigma=args.above_max_sigma, at_model_pixel_size=not args.scene_pixel_size,
+                      parallax_check=not args.no_parallax_check)
     print(f"wrote {path}")
     if sigma_path(path).exists():
         print(f"wrote {sigma_path(path)}")
@@ -336,6 +337,9 @@ def _add_refine_parser(subparsers) -> None:
     p.add_argument("--scene-pixel-size", action="store_true",
                    help="refine at the scene's own pixel size even where the model was trained at another "
                    "(default: refine at the model's and resample the result onto the scene's grid)")
+    p.add_argument("--no-parallax-check", action="store_true",
+                   help="write the model's DSM even where its correction runs along the error the orthos' "
+                   "parallax shows (default: keep the initial DSM there, with a warning)")
     p.add_argument("--scale-source", choices=["checkpoint", "scene"],
                    help="DSM scale factor: the training scenes' (checkpoint) or the scene's own "
                         "(default: as the checkpoint was trained)")

@@ -20,6 +20,8 @@ interrupted-and-resumed run, a single process and a Dask cluster all give the sa
 The package, in the order a block travels:
 
 * :mod:`.layout` — the block plan, the chip grid and the blending window;
+* :mod:`.agreement` — the parallax check: does the model's correction, on a sample of the
+  scene, go against the DSM error the orthos show (or else keep the initial DSM)?
 * :mod:`.blocks` — :class:`BlockRefiner`: read a block with its halo, normalise and run its
   chips, blend them (heights and σ);
 * :mod:`.output` — the work files, the resume journal and the Cloud-Optimised GeoTIFFs;
@@ -40,6 +42,7 @@ from tqdm.auto import tqdm
 from ..errors import CheckpointError, InputError
 from ..models import DeepDEMRegressionTask, autocast_is_fast, load_checkpoint, scale_for
 from ..scene import Scene
+from .agreement import check_correction
 from .blocks import BlockRefiner, device_for, loaded_blocks
 from .distributed import refine_distributed
 from .heap import steady_heap
@@ -74,6 +77,7 @@ def refine(
     max_sigma: float | None = None,
     above_max_sigma: str = "initial",
     at_model_pixel_size: bool = True,
+    parallax_check: bool = True,
 ) -> Path:
     """Refine a scene's DSM with a trained model and write a float32 Cloud-Optimised GeoTIFF.
 
@@ -104,6 +108,11 @@ def refine(
     ``at_model_pixel_size`` is False. A checkpoint that does not record its pixel size (trained
     before it did) refines every scene as it is.
 
+    ``parallax_check`` (:mod:`.agreement`): a model that reads the parallax band first refines a
+    sample of the scene; where its DSM correction runs along the error the orthos' parallax shows
+    (a negative correlation with −parallax) instead of against it, the model does not transfer
+    to the scene, and the DSM heads keep the initial DSM (σ nodata), with a warning.
+
     Hillshade, slope and canopy height are products of the written DEM:
     :mod:`deepdem.products` (``deepdem refine --hillshade/--slope/--chm`` runs them after).
     """
@@ -119,7 +128,8 @@ def refine(
         return refine_resampled(refine, task, scene, out, pixel_size, resume, fill, batch_size=batch_size,
                                 overlap=overlap, device=device, bf16=bf16, progress=progress, tta=tta,
                                 block_size=block_size, workers=workers, scheduler=scheduler, client=client,
-                                scale_source=scale_source, max_sigma=max_sigma, above_max_sigma=above_max_sigma)
+                                scale_source=scale_source, max_sigma=max_sigma, above_max_sigma=above_max_sigma,
+                                parallax_check=parallax_check)
     kwargs, chip = task.model_kwargs, int(task.model_kwargs["chip_size"])
     settings = RefineSettings(
         bands=tuple(kwargs["bands"]), chip=chip, stride=max(1, int(round(chip * (1 - overlap)))), overlap=overlap,
@@ -131,6 +141,8 @@ def refine(
         sigma=task.has_sigma, max_sigma=None if max_sigma is None else float(max_sigma),
         above_max_sigma=above_max_sigma,
     )
+    if parallax_check:
+        settings = check_correction(task, scene, settings)
     blocks = plan_blocks(scene.shape, settings.block_size)
     digest = weights_digest(task)
     fingerprint = {

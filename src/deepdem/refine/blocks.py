@@ -234,8 +234,26 @@ class BlockRefiner:
             if s.max_sigma is not None:
                 invalid = self._apply_max_sigma(res_sum, invalid, dsm[inner], dsm_valid[inner])
             invalid = np.concatenate([invalid, invalid])
+        if s.keep_initial_dsm:
+            invalid = self._keep_initial_dsm(res_sum, invalid, dsm[inner], dsm_valid[inner])
         np.putmask(res_sum, invalid, np.float32(FLOAT_NODATA))
         return res_sum
+
+    def _keep_initial_dsm(self, planes: np.ndarray, invalid: np.ndarray, dsm: np.ndarray,
+                          dsm_valid: np.ndarray) -> np.ndarray:
+        """The parallax check failed: DSM heads get the initial DSM where it has data and the
+        output would have had some (nodata elsewhere), their σ nodata. Returns the pixels to
+        write as nodata."""
+        s = self.settings
+        n = len(s.targets)
+        for i, target in enumerate(s.targets):
+            if target == "dsm":
+                keep = dsm_valid & ~invalid[i]
+                np.copyto(planes[i], dsm, where=keep)
+                invalid[i] = ~keep
+                if s.sigma:
+                    invalid[n + i] = True
+        return invalid
 
     def _apply_max_sigma(self, planes: np.ndarray, invalid: np.ndarray, dsm: np.ndarray,
                          dsm_valid: np.ndarray) -> np.ndarray:

@@ -85,6 +85,8 @@ class RefineSettings:
     sigma: bool = False
     max_sigma: float | None = None
     above_max_sigma: str = "initial"
+    #: the parallax check failed (:mod:`.agreement`): DSM heads keep the initial DSM, σ nodata
+    keep_initial_dsm: bool = False
 
     @property
     def channels(self) -> int:
