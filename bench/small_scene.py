@@ -8,9 +8,9 @@ a 200 × 200 px (100 m) crop of Delft tile 1 of ``bench/real_terrain.py``, and t
 are that benchmark's held-out sites: a tile of the same city (Delft tile 2), a forest in another
 country (Coromandel), and Montpellier and Autzen. Every scene is prepared as the check's
 ``deepdem prepare`` command prepares it, without the views' angles: ``train`` fits the pair's
-geometry on the crop's truth and ``refine`` reads the unseen scenes with it. Each error kind (``model``: the generator's
-statistical model; ``sgbm``: views matched by OpenCV's semi-global matcher) trains and is tested
-on its own. Training is limited by wall-clock minutes, as in the protocol: run it on a quiet
+geometry on the crop's truth and ``refine`` reads the unseen scenes with it. Each error kind
+(``model``: the generator's statistical model; ``sgbm``: views matched by OpenCV's semi-global
+matcher) trains and is tested on its own. Training is limited by wall-clock minutes, as in the protocol: run it on a quiet
 machine.
 
 Beside deepdem, the plain smp Unet-resnet18 of ``bench/real_terrain.py`` trains on the same crop
@@ -60,7 +60,8 @@ from deepdem.scene import Scene, write_scene
 sys.path.insert(0, str(Path(__file__).parent))
 from _report import update_benchmarks  # noqa: E402
 from real_terrain import (ERRORS, SITES, build_scenes, build_scenes_without_views, default_work,  # noqa: E402
-                          made_by_current_generator, plain_unet_predict, plain_unet_train, range_cell, read_refined, score, stamp_generator)
+                          made_by_current_generator, plain_unet_predict, plain_unet_train, range_cell, read_refined,
+                          score, stamp_generator)
 
 TRAINING_SITE = "Delft tile 1 (NL)"
 CROP = Window(col_off=100, row_off=100, width=200, height=200)  # 100 m at 0.5 m, away from the tile's edges
