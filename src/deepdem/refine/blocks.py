@@ -232,45 +232,34 @@ class BlockRefiner:
         if s.sigma:
             invalid |= ~np.isfinite(res_sum[n:])
             if s.max_sigma is not None:
-                invalid = self._apply_max_sigma(res_sum, invalid, dsm[inner], dsm_valid[inner])
+                invalid = self._initial_dsm_where(res_sum, invalid, res_sum[n:] > np.float32(s.max_sigma),
+                                                  dsm[inner], dsm_valid[inner], keep=s.above_max_sigma == "initial")
+        if s.keep_initial_dsm:  # the parallax check failed: the DSM heads everywhere
+            dsm_heads = np.array([target == "dsm" for target in s.targets])[:, None, None]
+            invalid = self._initial_dsm_where(res_sum, invalid, np.broadcast_to(dsm_heads, invalid.shape),
+                                              dsm[inner], dsm_valid[inner])
+        if s.sigma:
             invalid = np.concatenate([invalid, invalid])
-        if s.keep_initial_dsm:
-            invalid = self._keep_initial_dsm(res_sum, invalid, dsm[inner], dsm_valid[inner])
         np.putmask(res_sum, invalid, np.float32(FLOAT_NODATA))
         return res_sum
 
-    def _keep_initial_dsm(self, planes: np.ndarray, invalid: np.ndarray, dsm: np.ndarray,
-                          dsm_valid: np.ndarray) -> np.ndarray:
-        """The parallax check failed: DSM heads get the initial DSM where it has data and the
-        output would have had some (nodata elsewhere), their σ nodata. Returns the pixels to
-        write as nodata."""
+    def _initial_dsm_where(self, planes: np.ndarray, invalid: np.ndarray, where: np.ndarray, dsm: np.ndarray,
+                           dsm_valid: np.ndarray, keep: bool = True) -> np.ndarray:
+        """Where ``where`` (a plane per target): DSM heads get the initial DSM if ``keep`` (where
+        it has data and the output would have some), nodata otherwise; other heads nodata; σ is
+        nodata there either way (the model's σ does not describe the initial DSM). Used by
+        ``max_sigma`` and by the parallax check. Returns the heads' pixels to write as nodata."""
         s = self.settings
         n = len(s.targets)
-        for i, target in enumerate(s.targets):
-            if target == "dsm":
-                keep = dsm_valid & ~invalid[i]
-                np.copyto(planes[i], dsm, where=keep)
-                invalid[i] = ~keep
-                if s.sigma:
-                    invalid[n + i] = True
-        return invalid
-
-    def _apply_max_sigma(self, planes: np.ndarray, invalid: np.ndarray, dsm: np.ndarray,
-                         dsm_valid: np.ndarray) -> np.ndarray:
-        """Where σ exceeds ``max_sigma``: the initial DSM on DSM heads (``above_max_sigma``
-        'initial', where the DSM has data) or nodata; σ is nodata there either way (the model's
-        σ does not describe the initial DSM). Returns the pixels to write as nodata."""
-        s = self.settings
-        n = len(s.targets)
-        uncertain = planes[n:] > np.float32(s.max_sigma)
-        keep_initial = np.zeros_like(uncertain)
-        if s.above_max_sigma == "initial":
+        kept = np.zeros(where.shape, dtype=bool)
+        if keep:
             for i, target in enumerate(s.targets):
                 if target == "dsm":
-                    keep_initial[i] = uncertain[i] & dsm_valid & ~invalid[i]
-                    np.copyto(planes[i], dsm, where=keep_initial[i])
-        planes[n:][uncertain] = np.float32(FLOAT_NODATA)
-        return invalid | (uncertain & ~keep_initial)
+                    kept[i] = where[i] & dsm_valid & ~invalid[i]
+                    np.copyto(planes[i], dsm, where=kept[i])
+        if s.sigma:
+            planes[n:][where] = np.float32(FLOAT_NODATA)
+        return invalid | (where & ~kept)
 
 
 def loaded_blocks(refiner: BlockRefiner, blocks: Sequence[Block]):
