@@ -121,3 +121,16 @@ def test_truncated_geotiff_is_one_line_naming_the_file(capsys, synth_dir, tmp_pa
                        "--triangulation-error", str(synth_dir / "run-IntersectionErr.tif"), "--out", str(tmp_path / "s"))
     assert code == 2 and "cut-DEM.tif" in err and err.strip().count("\n") == 0
     assert not (tmp_path / "s").exists()
+
+
+def test_refine_passes_no_parallax_check_to_the_library(capsys, monkeypatch, tmp_path):
+    import importlib
+
+    asked = []  # the package exports refine(), which hides the module of the same name
+    monkeypatch.setattr(importlib.import_module("deepdem.refine"), "refine",
+                        lambda *args, **kwargs: asked.append(kwargs["parallax_check"]) or tmp_path / "out.tif")
+    for flags in ((), ("--no-parallax-check",)):
+        code, out, _ = run(capsys, "refine", "--checkpoint", str(tmp_path / "m.ckpt"), "--scene", str(tmp_path / "s"),
+                           "--out", str(tmp_path / "out.tif"), "--quiet", *flags)
+        assert code == 0 and "wrote" in out
+    assert asked == [True, False]

@@ -597,6 +597,33 @@ def test_parallax_check_keeps_the_initial_dsm_where_the_correction_runs_along_th
     unchecked, _ = read(refine(parallax_echo_task(1.0), prepared_scene, tmp_path / "u.tif", bf16=False,
                                progress=False, parallax_check=False))
     assert np.corrcoef((unchecked - dsm)[ok], -parallax[ok])[0, 1] < -0.99
+    # the verdict travels with the output, where the check ran
+    from deepdem.refine.agreement import CHECK_TAG
+
+    verdicts = {}
+    for name in ("f", "a", "u"):
+        with rasterio.open(tmp_path / f"{name}.tif") as src:
+            verdicts[name] = src.tags().get(CHECK_TAG, "")
+    assert verdicts["f"].startswith("passed (correlation") and "+1.00" in verdicts["f"]
+    assert verdicts["a"].startswith("failed: the DSM bands are the initial DSM (") and "-1.00 on" in verdicts["a"]
+    assert verdicts["u"] == ""
+
+
+def test_parallax_check_at_the_models_pixel_size_keeps_the_scenes_own_dsm(prepared_scene, tmp_path):
+    """A scene refined at the model's pixel size and brought back: where the check fails, the
+    output is the scene's DSM itself, not the DSM resampled there and back."""
+    from deepdem.refine.agreement import CHECK_TAG
+
+    task = parallax_echo_task(1.0)
+    task.model_kwargs["pixel_size_m"] = prepared_scene.grid.pixel_size_m / 2  # trained at half the scene's
+    out = refine(task, prepared_scene, tmp_path / "a.tif", bf16=False, progress=False)
+    kept, profile = read(out)
+    dsm = prepared_scene.read("dsm")
+    valid = kept != FLOAT_NODATA
+    assert profile["width"] == prepared_scene.shape[1] and valid.sum() > 0.8 * np.isfinite(dsm).sum()
+    np.testing.assert_array_equal(kept[valid], dsm[valid])
+    with rasterio.open(out) as src:
+        assert src.tags()[CHECK_TAG].startswith("failed")
 
 
 def test_parallax_check_samples_windows_inside_the_scene_and_over_all_of_a_small_one():

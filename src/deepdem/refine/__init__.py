@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 from ..errors import CheckpointError, InputError
 from ..models import DeepDEMRegressionTask, autocast_is_fast, load_checkpoint, scale_for
 from ..scene import Scene
-from .agreement import check_correction
+from .agreement import check_correction, check_tag
 from .blocks import BlockRefiner, device_for, loaded_blocks
 from .distributed import refine_distributed
 from .heap import steady_heap
@@ -141,8 +141,9 @@ def refine(
         sigma=task.has_sigma, max_sigma=None if max_sigma is None else float(max_sigma),
         above_max_sigma=above_max_sigma,
     )
+    agreement = None
     if parallax_check:
-        settings = check_correction(task, scene, settings)
+        settings, agreement = check_correction(task, scene, settings)
     blocks = plan_blocks(scene.shape, settings.block_size)
     digest = weights_digest(task)
     fingerprint = {
@@ -150,7 +151,7 @@ def refine(
         "settings": settings.fingerprint(), "device": device_for(settings.device).type,
     }
     works, journal_path, journal = open_journal(out, scene, settings.targets, settings.sigma, fingerprint, resume,
-                                                tta=settings.tta)
+                                                tta=settings.tta, tags=check_tag(agreement))
     todo = [b for b in blocks if b.index not in set(journal["done"])]
     if len(todo) < len(blocks):
         log.info("resuming %s: %d of %d blocks already done", out, len(blocks) - len(todo), len(blocks))

@@ -11,12 +11,12 @@ for 8 minutes, 3 seeds × 2 kinds of stereo error, 4 unseen sites): on 22 of 24 
 pairs the correlation was +0.20 to +0.82 (refined MAE 0.47–1.00× the input's); on the other two,
 two seeds on the 1 m Autzen scene with modelled errors, −0.57 and −0.49, and the models moved
 its open ground along the error: refined MAE 1.071× and 0.960× the input's (the second gained
-on trees what it lost there). With the check both are 0.989: the initial DSM, resampled to the
-model's pixel size and back.
+on trees what it lost there). With the check both are 1.000: the scene's own initial DSM.
 
 ``refine`` runs the model on a sample of the scene first; where the correlation is below zero it
 keeps the initial DSM (σ nodata), says so, and ``--no-parallax-check`` writes the model's
-output anyway. Only the DSM is checked: the parallax measures the DSM's error, not the DTM's.
+output anyway. The verdict is a tag of the output (:data:`CHECK_TAG`). Only the DSM is checked:
+the parallax measures the DSM's error, not the DTM's.
 """
 
 from __future__ import annotations
@@ -91,18 +91,40 @@ def correction_agreement(task, scene: Scene, settings: RefineSettings) -> Agreem
     return Agreement(float(np.corrcoef(correction, -band)[0, 1]), int(correction.size))
 
 
-def check_correction(task, scene: Scene, settings: RefineSettings) -> RefineSettings:
+#: Tag of refine's heights raster: the parallax check's verdict, where it ran.
+CHECK_TAG = "DEEPDEM_PARALLAX_CHECK"
+#: The start of that tag's value where the check failed and the DSM bands are the initial DSM.
+FAILED = "failed"
+
+
+def check_tag(agreement: Agreement | None) -> dict[str, str]:
+    """The tag that records ``agreement`` in the output (none where the check did not run)."""
+    if agreement is None:
+        return {}
+    verdict = ("passed" if agreement.passed
+               else f"{FAILED}: the DSM bands are the initial DSM")
+    return {CHECK_TAG: f"{verdict} (correlation of the model's DSM correction with -parallax "
+                       f"{agreement.correlation:+.2f} on {agreement.pixels} sampled pixels)"}
+
+
+def check_failed(tags: dict[str, str]) -> bool:
+    """Whether a raster's tags say that the parallax check kept the initial DSM."""
+    return tags.get(CHECK_TAG, "").startswith(FAILED)
+
+
+def check_correction(task, scene: Scene, settings: RefineSettings) -> tuple[RefineSettings, Agreement | None]:
     """``settings`` to refine with: as given where the model's correction follows the parallax
-    (or the check cannot tell), with the initial DSM kept where it does not."""
+    (or the check cannot tell), with the initial DSM kept where it does not; and the check's
+    measurement (None where it cannot tell)."""
     agreement = correction_agreement(task, scene, settings)
     if agreement is None:
-        return settings
+        return settings, None
     if agreement.passed:
         log.info("%s: the model's DSM correction follows the orthos' parallax (correlation %+.2f on %d sampled "
                  "pixels)", scene.path, agreement.correlation, agreement.pixels)
-        return settings
+        return settings, agreement
     log.warning("%s: the model's DSM correction runs along the DSM error that the orthos' parallax shows "
                 "(correlation %+.2f on %d sampled pixels): the model does not transfer to this scene, and the "
                 "initial DSM is kept (sigma nodata). Train on scenes like this one, or give --no-parallax-check "
                 "to write the model's output anyway", scene.path, agreement.correlation, agreement.pixels)
-    return dataclasses.replace(settings, keep_initial_dsm=True)
+    return dataclasses.replace(settings, keep_initial_dsm=True), agreement

@@ -111,10 +111,10 @@ def build_overviews(work: Path) -> None:
 
 
 def open_journal(out: Path, scene: Scene, targets: Sequence[str], sigma: bool, fingerprint: dict,
-                 resume: bool, tta: bool = False) -> tuple[list[Path], Path, dict]:
+                 resume: bool, tta: bool = False, tags: dict[str, str] | None = None) -> tuple[list[Path], Path, dict]:
     """The work files and journal of ``out``: those of an interrupted run with the same
-    ``fingerprint`` when ``resume``, else new ones (heights, then σ when ``sigma``, tagged
-    :data:`SIGMA_TTA_TAG` when ``tta``)."""
+    ``fingerprint`` when ``resume``, else new ones (heights with ``tags``, then σ when
+    ``sigma``, tagged :data:`SIGMA_TTA_TAG` when ``tta``)."""
     if not sigma and sigma_path(out).exists():
         # A σ left by an earlier model would pass for this DSM's.
         log.warning("removing %s: it belongs to an earlier refine (this model predicts no sigma)", sigma_path(out))
@@ -141,6 +141,8 @@ def open_journal(out: Path, scene: Scene, targets: Sequence[str], sigma: bool, f
                     dst.set_band_description(i, label.format(target.upper()))
                 if path == sigma_work:
                     dst.update_tags(**SIGMA_TAGS, **({SIGMA_TTA_TAG: "spread of the 8 views included"} if tta else {}))
+                elif tags:
+                    dst.update_tags(**tags)
         write_journal(journal_path, journal)
     return works, journal_path, journal
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import shutil
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import rasterio
@@ -26,6 +27,7 @@ from rasterio.windows import Window
 
 from ..align import resampling_for
 from ..scene import FLOAT_NODATA, MANIFEST, PIXEL_SIZE_TOLERANCE, Scene
+from .agreement import check_failed
 from .output import WORK_PROFILE, publish, sigma_path, work_paths
 
 log = logging.getLogger(__name__)
@@ -70,7 +72,12 @@ def refine_resampled(refine, task, scene: Scene, out: Path, pixel_size: float, r
     method = resampling_for("dsm", resampled.grid.resolution, scene.grid)
     height_work, sigma_work, journal = work_paths(out)
     works = [height_work]
-    _bring_back(refined, height_work, scene, method, fill)
+    with rasterio.open(refined) as src:
+        kept = check_failed(src.tags())
+    # Where the parallax check kept the initial DSM, it is the scene's own, not one resampled
+    # there and back (which smooths it: measured worse than the input on a tree stratum).
+    initial_bands = [i for i, target in enumerate(task.targets) if target == "dsm"] if kept else []
+    _bring_back(refined, height_work, scene, method, fill, initial_bands)
     if sigma_path(refined).exists():
         _bring_back(sigma_path(refined), sigma_work, scene, method, fill)
         works.append(sigma_work)
@@ -81,9 +88,12 @@ def refine_resampled(refine, task, scene: Scene, out: Path, pixel_size: float, r
     return out
 
 
-def _bring_back(source: Path, work: Path, scene: Scene, method: Resampling, fill: bool) -> None:
+def _bring_back(source: Path, work: Path, scene: Scene, method: Resampling, fill: bool,
+                initial_bands: Sequence[int] = ()) -> None:
     """``source`` resampled onto the scene's grid into the uncompressed work file ``work``, with
-    its band descriptions and tags, and nodata where the scene has no input (unless ``fill``)."""
+    its band descriptions and tags, and nodata where the scene has no input (unless ``fill``).
+    The bands of ``initial_bands`` (0-based) are the scene's DSM wherever they have a value and
+    the DSM has one, nodata elsewhere."""
     grid = scene.grid
     with rasterio.open(source) as src, WarpedVRT(src, crs=grid.crs, transform=grid.transform, width=grid.width,
                                                   height=grid.height, resampling=method, src_nodata=FLOAT_NODATA,
@@ -101,4 +111,9 @@ def _bring_back(source: Path, work: Path, scene: Scene, method: Resampling, fill
                 data = vrt.read(window=window).astype(np.float32, copy=False)
                 if not fill:
                     data[:, scene.read("nodata_mask", window) <= 0] = np.float32(FLOAT_NODATA)
+                if initial_bands:
+                    dsm = scene.read("dsm", window)
+                    for band in initial_bands:
+                        keep = (data[band] != np.float32(FLOAT_NODATA)) & np.isfinite(dsm)
+                        data[band] = np.where(keep, dsm, np.float32(FLOAT_NODATA))
                 dst.write(data, window=window)
