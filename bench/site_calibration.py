@@ -57,14 +57,16 @@ def run(work: Path, seeds: list[int]) -> dict:
                                              patch, scene.transform, scene.crs, nodata=float("nan"))
         for seed in seeds:
             run_dir = work / f"run-{seed}-0"
-            refined = {TRAINING: refine(run_dir / "best.ckpt", scene, run_dir / "site.tif", progress=False)}
+            # one view per chip (--no-tta), as calibrate needs: the views' spread does not scale with its factor
+            refined = {TRAINING: refine(run_dir / "best.ckpt", scene, run_dir / "site.tif", tta=False, progress=False)}
             factors = {}
             for share, reference in references.items():
                 name = f"site factor, {100 * share:.0f} % strip"
                 site_checkpoint = run_dir / f"site-{share:g}.ckpt"
                 fitted = calibrate_to_reference(run_dir / "best.ckpt", refined[TRAINING], reference, site_checkpoint)
                 factors[name] = fitted.factor
-                refined[name] = refine(site_checkpoint, scene, run_dir / f"site-{share:g}.tif", progress=False)
+                refined[name] = refine(site_checkpoint, scene, run_dir / f"site-{share:g}.tif", tta=False,
+                                       progress=False)
             for name, path in refined.items():
                 heights = read_refined(path)
                 heights[:, :first_scored] = np.nan  # scored where no calibration looked

@@ -219,7 +219,8 @@ def tables(results: dict) -> list[str]:
     epochs = "; ".join(f"{name} " + ", ".join(f"{errors} {np.median(e):.0f}" for errors, e in r["epochs"].items())
                        for name, r in (("deepdem", ours), ("plain UNet", plain)) if r)
     rows += ["", f"Training: a 100 × 100 m crop of {TRAINING_SITE}, `deepdem train --chip-size {CHIP} "
-             f"--max-minutes {minutes:g}`, seeds {', '.join(map(str, seeds))}; `deepdem refine` at its defaults; every "
+             f"--max-minutes {minutes:g}`, seeds {', '.join(map(str, seeds))}; `deepdem refine` at its defaults (on "
+             "scenes this small they average each chip's 8 flips and rotations, `--tta`); every "
              "scene prepared without the views' angles, as the check's `deepdem prepare` command (the pair's "
              "geometry fitted by `train` on the crop). "
              f"The plain UNet is the one of the real-terrain benchmark (all bands, L1, random chips, no "

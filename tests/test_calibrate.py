@@ -60,13 +60,15 @@ def test_factor_makes_sigma_cover_laplace_errors_twice_its_size_where_the_refere
 
 def test_refining_with_the_calibrated_copy_scales_sigma_and_keeps_the_heights(prepared_scene, tmp_path):
     checkpoint = save_checkpoint(sigma_task(seed=5), tmp_path / "model.ckpt")
-    first = refine(checkpoint, prepared_scene, tmp_path / "first.tif", bf16=False, progress=False)
+    # one view per chip: the 8 views' spread, in σ by default on a scene this small, is not scaled
+    first = refine(checkpoint, prepared_scene, tmp_path / "first.tif", bf16=False, tta=False, progress=False)
     truth = prepared_scene.band_path("truth_dsm")
 
     assert main(["calibrate", "--checkpoint", str(checkpoint), "--dem", str(first), "--reference", str(truth),
                  "--out", str(tmp_path / "site.ckpt")]) == 0
     factor = load_checkpoint(tmp_path / "site.ckpt").sigma_temperature / load_checkpoint(checkpoint).sigma_temperature
-    second = refine(tmp_path / "site.ckpt", prepared_scene, tmp_path / "second.tif", bf16=False, progress=False)
+    second = refine(tmp_path / "site.ckpt", prepared_scene, tmp_path / "second.tif", bf16=False, tta=False,
+                    progress=False)
 
     with rasterio.open(first) as a, rasterio.open(second) as b:
         np.testing.assert_array_equal(a.read(1), b.read(1))
@@ -92,7 +94,7 @@ def test_too_small_a_reference_a_model_without_sigma_and_a_tta_sigma_are_refused
         calibrate_to_reference(save_checkpoint(no_sigma, tmp_path / "plain.ckpt"), tmp_path / "r.tif",
                                tmp_path / "patch.tif", tmp_path / "out.ckpt")
     write(tmp_path / "r_sigma.tif", np.ones_like(dem), **{SIGMA_TAG: "laplace", "DEEPDEM_SIGMA_TTA": "yes"})
-    with pytest.raises(InputError, match="r_sigma.tif: σ from refine --tta"):
+    with pytest.raises(InputError, match="r_sigma.tif: σ from refine's 8-view average .* refine with --no-tta"):
         calibrate_to_reference(checkpoint, tmp_path / "r.tif", tmp_path / "patch.tif", tmp_path / "out.ckpt")
     (tmp_path / "r_sigma.tif").unlink()
     assert main(["calibrate", "--checkpoint", str(checkpoint), "--dem", str(tmp_path / "r.tif"),

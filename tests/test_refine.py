@@ -164,7 +164,7 @@ def multi_block_scene(tmp_path_factory):
 
 def test_streaming_blocks_equal_the_whole_scene_in_memory(multi_block_scene, tmp_path):
     task = random_task()
-    out = refine(task, multi_block_scene, tmp_path / "r.tif", block_size=256, bf16=False, progress=False)
+    out = refine(task, multi_block_scene, tmp_path / "r.tif", block_size=256, bf16=False, tta=False, progress=False)
     data, _ = read(out)
     expected = reference_refine(task, multi_block_scene)
     assert len(refine_module.plan_blocks(multi_block_scene.shape, 256)) == 9
@@ -371,7 +371,7 @@ def test_tta_keeps_a_zero_residual_exact_and_changes_a_random_model(prepared_sce
     data, _ = read(out)
     mask = prepared_scene.read("nodata_mask") > 0
     np.testing.assert_array_equal(data[mask], prepared_scene.read("dsm")[mask])
-    plain, _ = read(refine(random_task(), prepared_scene, tmp_path / "p.tif", progress=False))
+    plain, _ = read(refine(random_task(), prepared_scene, tmp_path / "p.tif", tta=False, progress=False))
     tta, _ = read(refine(random_task(), prepared_scene, tmp_path / "t.tif", tta=True, progress=False))
     assert np.abs(plain[mask] - tta[mask]).mean() > 1e-3
     sigma_tta = refine(random_task(uncertainty="laplace"), prepared_scene, tmp_path / "s.tif", tta=True, progress=False)
@@ -380,7 +380,21 @@ def test_tta_keeps_a_zero_residual_exact_and_changes_a_random_model(prepared_sce
     with rasterio.open(sigma_path(sigma_tta)) as src:
         assert "DEEPDEM_SIGMA_TTA" in src.tags()  # deepdem calibrate refuses it
     with rasterio.open(sigma_path(refine(random_task(uncertainty="laplace"), prepared_scene, tmp_path / "s.tif",
-                                         progress=False))) as src:
+                                         tta=False, progress=False))) as src:
+        assert "DEEPDEM_SIGMA_TTA" not in src.tags()
+
+
+def test_the_eight_views_are_averaged_by_default_on_a_small_scene_only(prepared_scene, tmp_path, monkeypatch):
+    task = random_task(uncertainty="laplace")
+    for name, tta in (("on", True), ("off", False), ("auto", None)):
+        refine(task, prepared_scene, tmp_path / f"{name}.tif", tta=tta, bf16=False, progress=False)
+    assert (tmp_path / "auto.tif").read_bytes() == (tmp_path / "on.tif").read_bytes()  # this scene is small
+    assert sigma_path(tmp_path / "auto.tif").read_bytes() == sigma_path(tmp_path / "on.tif").read_bytes()
+    height, width = prepared_scene.shape
+    monkeypatch.setattr(refine_module, "AUTO_TTA_MAX_PIXELS", height * width - 1)  # one pixel too many
+    refine(task, prepared_scene, tmp_path / "large.tif", bf16=False, progress=False)
+    assert (tmp_path / "large.tif").read_bytes() == (tmp_path / "off.tif").read_bytes()
+    with rasterio.open(sigma_path(tmp_path / "large.tif")) as src:
         assert "DEEPDEM_SIGMA_TTA" not in src.tags()
 
 
@@ -433,7 +447,9 @@ def test_refine_command_writes_the_cog_and_its_hillshade(prepared_scene, tmp_pat
 
 def test_sigma_raster_is_metres_on_the_dsm_grid_with_its_nodata(multi_block_scene, tmp_path):
     task = random_task(seed=3, uncertainty="laplace", sigma_temperature=2.0)
-    out = refine(task, multi_block_scene, tmp_path / "s.tif", block_size=256, bf16=False, progress=False)
+    # one view per chip here and in the next test: they are about σ's raster and threshold, at an
+    # eighth of the model time of the 8 views that refine averages by default on a scene this small
+    out = refine(task, multi_block_scene, tmp_path / "s.tif", block_size=256, bf16=False, tta=False, progress=False)
     heights, profile = read(out)
     sigma, sigma_profile = read(sigma_path(out))
     assert sigma_path(out).name == "s_sigma.tif"
@@ -452,23 +468,23 @@ def test_sigma_raster_is_metres_on_the_dsm_grid_with_its_nodata(multi_block_scen
     torch.nn.init.zeros_(head.bias)
     head.bias.data[1] = 0.5
     sigma, _ = read(sigma_path(refine(constant, multi_block_scene, tmp_path / "c.tif", block_size=256, bf16=False,
-                                      progress=False)))
+                                      tta=False, progress=False)))
     expected = np.sqrt(2) * (np.log1p(np.exp(0.5)) + 1e-3) * 2.0 * 2.0
     np.testing.assert_allclose(sigma[valid], expected, rtol=1e-5)
     plain = random_task(seed=3)  # same seed, no σ head: no σ raster, and an old one is removed
-    refine(plain, multi_block_scene, out, block_size=256, progress=False)
+    refine(plain, multi_block_scene, out, block_size=256, tta=False, progress=False)
     assert not sigma_path(out).exists()
 
 
 def test_max_sigma_keeps_the_initial_dsm_or_writes_nodata(multi_block_scene, tmp_path):
     task = random_task(seed=4, uncertainty="laplace")
-    base = refine(task, multi_block_scene, tmp_path / "b.tif", block_size=256, bf16=False, progress=False)
+    base = refine(task, multi_block_scene, tmp_path / "b.tif", block_size=256, bf16=False, tta=False, progress=False)
     heights, _ = read(base)
     sigma, _ = read(sigma_path(base))
     valid = sigma != FLOAT_NODATA
     threshold = float(np.median(sigma[valid]))
     above = valid & (sigma > threshold)
-    kept = refine(task, multi_block_scene, tmp_path / "k.tif", block_size=256, bf16=False, progress=False,
+    kept = refine(task, multi_block_scene, tmp_path / "k.tif", block_size=256, bf16=False, tta=False, progress=False,
                   max_sigma=threshold)
     k_heights, _ = read(kept)
     k_sigma, _ = read(sigma_path(kept))
@@ -476,7 +492,7 @@ def test_max_sigma_keeps_the_initial_dsm_or_writes_nodata(multi_block_scene, tmp
     np.testing.assert_array_equal(k_heights[above], dsm[above])  # the initial DSM, bit for bit
     np.testing.assert_array_equal(k_heights[valid & ~above], heights[valid & ~above])
     assert (k_sigma[above] == FLOAT_NODATA).all() and (k_sigma[valid & ~above] == sigma[valid & ~above]).all()
-    dropped = refine(task, multi_block_scene, tmp_path / "n.tif", block_size=256, bf16=False, progress=False,
+    dropped = refine(task, multi_block_scene, tmp_path / "n.tif", block_size=256, bf16=False, tta=False, progress=False,
                      max_sigma=threshold, above_max_sigma="nodata")
     assert (read(dropped)[0][above] == FLOAT_NODATA).all()
     with pytest.raises(CheckpointError, match="sigma"):

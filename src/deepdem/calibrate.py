@@ -77,8 +77,9 @@ def calibrate_to_reference(
                          sigma)
     with open_raster(sigma) as src:
         if SIGMA_TTA_TAG in src.tags():
-            raise InputError("σ from refine --tta, whose spread of the 8 views does not scale with the factor: "
-                             "refine without --tta to calibrate", sigma)
+            raise InputError("σ from refine's 8-view average (--tta, the default on scenes of at most 2048 x 2048 "
+                             "px), whose spread of the views does not scale with the factor: refine with --no-tta "
+                             "to calibrate", sigma)
     task = load_checkpoint(checkpoint)
     if not task.has_sigma:
         raise CheckpointError("the model predicts no σ: there is nothing to calibrate", checkpoint)

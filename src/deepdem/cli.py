@@ -321,7 +321,9 @@ def _add_refine_parser(subparsers) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 …")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--overlap", type=fraction, default=0.25, help="chip overlap fraction (default 0.25)")
-    p.add_argument("--tta", action="store_true", help="average the 8 flips/rotations of each chip (8x compute); σ widens where they disagree")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                   help="average the 8 flips/rotations of each chip (8x compute); σ widens where they disagree "
+                   "(default: on for scenes of at most 2048 x 2048 px at the model's pixel size)")
     p.add_argument("--block-size", type=positive_int, default=2048, help="output block (px); bounds memory")
     p.add_argument("--resume", action="store_true", help="continue an interrupted refine of the same inputs")
     p.add_argument("--workers", type=non_negative_int, default=0, help="spread blocks over a local Dask cluster of N processes")
@@ -390,7 +392,8 @@ def _add_calibrate_parser(subparsers) -> None:
         description="Fit one factor that makes the checkpoint's sigma cover 68 and 90 % of the errors of a DEM it "
                     "refined, against a reference (e.g. a LIDAR patch) where the reference has data, and write a "
                     "copy of the checkpoint with sigma times that factor. Refine the rest of the site with the copy. "
-                    "Heights do not change. Use a refine run made without --tta.")
+                    "Heights do not change. Use a refine run made with --no-tta (refine averages 8 views by default on "
+                    "scenes of at most 2048 x 2048 px, and their spread does not scale with the factor).")
     p.add_argument("--checkpoint", required=True, help="the checkpoint that refined --dem")
     p.add_argument("--dem", required=True, help="its refined DEM (deepdem refine's output)")
     p.add_argument("--reference", required=True, help="reference DEM over part of --dem (any grid, resampled onto it)")

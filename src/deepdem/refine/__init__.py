@@ -52,7 +52,13 @@ from .resampled import model_pixel_size, refine_resampled
 
 log = logging.getLogger(__name__)
 
-__all__ = ["refine", "scene_for_model", "sigma_path", "steady_heap", "BlockRefiner", "RefineSettings", "Block", "plan_blocks",
+#: ``tta=None`` (the default) averages the 8 views of each chip for scenes of at most this many
+#: pixels (at the pixel size refined at): 2048 × 2048, a square km at 0.5 m. There the 8× model
+#: time is seconds to a minute on a CPU, and the small-scene check measured a lower MAE with it
+#: in 24 of 24 (scene, seed) pairs (1.3–4.3 %); a region-scale scene keeps one view per chip.
+AUTO_TTA_MAX_PIXELS = 2048 * 2048
+
+__all__ = ["refine", "scene_for_model", "AUTO_TTA_MAX_PIXELS", "sigma_path", "steady_heap", "BlockRefiner", "RefineSettings", "Block", "plan_blocks",
            "blend_window", "blend_ramp", "cog_overview_factors", "COG_OPTIONS", "ABOVE_MAX_SIGMA", "TILE"]
 
 
@@ -67,7 +73,7 @@ def refine(
     device: str | None = "auto",
     bf16: bool | None = None,
     progress: bool = True,
-    tta: bool = False,
+    tta: bool | None = None,
     block_size: int = 2048,
     resume: bool = False,
     workers: int = 0,
@@ -88,7 +94,8 @@ def refine(
     ``block_size`` bounds memory (one block plus a chip-wide halo); ``overlap`` is the chips'
     overlap (0.25 by default; the blending hides chip edges at any overlap ≥ 1/8). ``tta``
     averages the 8 flips/rotations of each chip (8× the compute); σ is then that of the 8 views'
-    mixture, widened by their disagreement. ``resume`` continues an
+    mixture, widened by their disagreement. ``tta=None`` turns it on for a scene of at most
+    :data:`AUTO_TTA_MAX_PIXELS` pixels. ``resume`` continues an
     interrupted run with the same settings. ``workers`` > 0 starts a local Dask cluster of that
     many processes, ``scheduler`` connects to an existing one, ``client`` uses a Dask client.
     ``scale_source`` overrides the checkpoint's choice of DSM scale factor: 'checkpoint' (the
@@ -130,6 +137,11 @@ def refine(
                                 block_size=block_size, workers=workers, scheduler=scheduler, client=client,
                                 scale_source=scale_source, max_sigma=max_sigma, above_max_sigma=above_max_sigma,
                                 parallax_check=parallax_check)
+    if tta is None:
+        tta = scene.shape[0] * scene.shape[1] <= AUTO_TTA_MAX_PIXELS
+        if tta:
+            log.info("%s: %d x %d px, at most %d px: each chip's 8 flips and rotations are averaged (8x the model "
+                     "time; --no-tta for one view)", scene.path, *scene.shape, AUTO_TTA_MAX_PIXELS)
     kwargs, chip = task.model_kwargs, int(task.model_kwargs["chip_size"])
     settings = RefineSettings(
         bands=tuple(kwargs["bands"]), chip=chip, stride=max(1, int(round(chip * (1 - overlap)))), overlap=overlap,
