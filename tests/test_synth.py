@@ -131,6 +131,23 @@ def test_synth_from_lidar_keeps_the_truth_and_degrades_it(tmp_path, errors):
     assert (cover[85:95, 85:95] == TREE).mean() > 0.8
 
 
+def test_lidar_landcover_calls_only_a_large_gap_inside_the_survey_water():
+    from deepdem.synth import GRASS, lidar_landcover
+
+    dtm = np.full((100, 100), 10.0)
+    dsm = dtm.copy()
+    dsm[35:75, 35:75] = 20.0  # a flat roof
+    dsm[:, 90:] = np.nan  # outside the survey: 0.5 m × 10 px along the edge
+    dsm[10:30, 10:30] = np.nan  # a pond, 100 m² at 0.5 m
+    dsm[80:84, 20:24] = np.nan  # a dropout, 4 m²
+    dsm[54:57, 54:57] = np.nan  # a dropout on the roof
+    cover = lidar_landcover(dsm, dtm, 0.5)
+    assert (cover == WATER).sum() == 400 and (cover[10:30, 10:30] == WATER).all()
+    assert (cover[:, 90:] == GRASS).all() and (cover[80:84, 20:24] == GRASS).all()
+    assert (cover[54:57, 54:57] == BUILDING).all()  # the nearest surveyed cell's cover
+    assert (lidar_landcover(dsm, dtm, 0.5, water_min_area_m2=101.0) == WATER).sum() == 0
+
+
 def test_synth_from_lidar_refuses_mismatched_grids(tmp_path):
     from rasterio.transform import from_origin
 

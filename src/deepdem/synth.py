@@ -510,18 +510,39 @@ def synth_scene(
     return write_asp_run(out, scene, {"generator": "deepdem.synth"})
 
 
-def lidar_landcover(truth_dsm: np.ndarray, truth_dtm: np.ndarray, resolution: float) -> np.ndarray:
-    """Land cover of a LIDAR-gridded surface, for radiometry and strata: water where the LIDAR
-    has no return, trees (rough) and buildings (smooth) above 2.5 m, grass elsewhere."""
+#: Smallest patch without LIDAR returns that ``lidar_landcover`` calls water (m²): a pond.
+#: Smaller gaps are dropouts of a sparse or absorbing surface, not water.
+WATER_MIN_AREA_M2 = 100.0
+
+
+def lidar_landcover(truth_dsm: np.ndarray, truth_dtm: np.ndarray, resolution: float,
+                    water_min_area_m2: float = WATER_MIN_AREA_M2) -> np.ndarray:
+    """Land cover of a LIDAR-gridded surface, for radiometry and strata: trees (rough) and
+    buildings (smooth) above 2.5 m, grass elsewhere, and water where the LIDAR has no return over
+    at least ``water_min_area_m2`` inside the survey.
+
+    A gap that reaches the raster's edge is outside the survey (a trimmed or irregular
+    footprint), and a smaller gap is a dropout: both take the cover of the nearest surveyed cell.
+    Calling them water would give the stereo DSM holes a real one does not have, and a rim of
+    "water" along the survey's edge (a lake cut by the raster's edge is missed, the lesser harm).
+    """
     cover = np.full(truth_dsm.shape, GRASS, np.uint8)
     height = np.nan_to_num(truth_dsm - truth_dtm, nan=0.0)
-    filled = np.where(np.isfinite(truth_dsm), truth_dsm, np.nanmedian(truth_dsm))
     # Crowns are rough at the metre scale, roofs are planes: the curvature tells them apart.
-    roughness = ndimage.gaussian_filter(np.abs(ndimage.laplace(filled)), 1.0 / resolution)
+    roughness = ndimage.gaussian_filter(np.abs(ndimage.laplace(fill_nearest(truth_dsm))), 1.0 / resolution)
     raised = height > 2.5
     cover[raised & (roughness > 0.35 * resolution)] = TREE
     cover[raised & (roughness <= 0.35 * resolution)] = BUILDING
-    cover[~np.isfinite(truth_dsm)] = WATER
+    missing = ~np.isfinite(truth_dsm)
+    if not missing.any():
+        return cover
+    nearest = ndimage.distance_transform_edt(missing, return_distances=False, return_indices=True)
+    cover = cover[tuple(nearest)]
+    gaps, _ = ndimage.label(missing)
+    is_water = np.bincount(gaps.ravel()) * resolution**2 >= water_min_area_m2
+    is_water[0] = False
+    is_water[np.concatenate([gaps[0], gaps[-1], gaps[:, 0], gaps[:, -1]])] = False
+    cover[is_water[gaps]] = WATER
     return cover
 
 
