@@ -273,3 +273,55 @@ def test_ndvi_from_ign_irc_orthophoto(tmp_path):
         assert src.shape == (100, 100) and src.crs == CRS.from_epsg(2154)
         values = src.read(1)
         assert -1 <= values.min() and values.max() <= 1
+
+
+# -- the views' angles from WorldView metadata -----------------------------------------------------
+
+def _worldview_xml(path, azimuth, elevation, off_nadir):
+    path.write_text(f"""<?xml version="1.0" encoding="UTF-8"?>
+<isd><IMD><VERSION>AA</VERSION><IMAGE><SATID>WV03</SATID>
+<MINSATAZ>{azimuth - 1}</MINSATAZ><MEANSATAZ>{azimuth}</MEANSATAZ><MAXSATAZ>{azimuth + 1}</MAXSATAZ>
+<MEANSATEL>{elevation}</MEANSATEL><MEANOFFNADIRVIEWANGLE>{off_nadir}</MEANOFFNADIRVIEWANGLE>
+</IMAGE></IMD></isd>
+""")
+    return path
+
+
+def _worldview_imd(path, azimuth, elevation, off_nadir):
+    path.write_text(f"""version = "AA";
+BEGIN_GROUP = IMAGE_1
+\tsatId = "WV03";
+\tminSatAz = {azimuth - 1};
+\tmeanSatAz = {azimuth};
+\tmeanSatEl = {elevation};
+\tmeanOffNadirViewAngle = {off_nadir};
+END_GROUP = IMAGE_1
+END;
+""")
+    return path
+
+
+def test_read_view_takes_the_zenith_angle_at_the_ground_from_xml_and_imd(tmp_path):
+    from deepdem.imagery import read_view
+
+    for view in (read_view(_worldview_xml(tmp_path / "left.XML", 312.9, 73.7, 14.4)),
+                 read_view(_worldview_imd(tmp_path / "left.IMD", 312.9, 73.7, 14.4))):
+        assert view.azimuth == pytest.approx(312.9)
+        assert view.off_nadir == pytest.approx(16.3)  # 90 - elevation, not the angle at the satellite
+    assert read_view(_worldview_imd(tmp_path / "neg.IMD", -20.0, 60.0, 27.0)).azimuth == pytest.approx(340.0)
+
+
+def test_read_view_says_what_is_missing_and_in_which_file(tmp_path):
+    from deepdem.errors import InputError
+    from deepdem.imagery import read_view
+
+    (tmp_path / "dim.XML").write_text("<Dimap_Document><Geometric_Data/></Dimap_Document>")
+    with pytest.raises(InputError, match="dim.XML: no meanSatAz or meanSatEl"):
+        read_view(tmp_path / "dim.XML")
+    (tmp_path / "broken.XML").write_text("<isd><IMD>")
+    with pytest.raises(InputError, match="broken.XML: not valid XML"):
+        read_view(tmp_path / "broken.XML")
+    with pytest.raises(InputError, match="below.IMD: satellite elevation -5.0° is outside"):
+        read_view(_worldview_imd(tmp_path / "below.IMD", 10.0, -5.0, 20.0))
+    with pytest.raises(InputError, match="absent.XML: view metadata not found"):
+        read_view(tmp_path / "absent.XML")

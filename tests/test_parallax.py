@@ -89,6 +89,31 @@ def test_cli_views_flag_adds_the_band_and_bad_angles_exit_2(synth_dir, tmp_path,
     assert not (tmp_path / "bad").exists()
 
 
+def test_cli_views_from_worldview_metadata_match_the_same_angles_given(synth_dir, tmp_path, capsys):
+    from deepdem.cli import main
+
+    base = ["prepare", "--asp-prefix", str(synth_dir / "run")]
+    for side, azimuth, elevation in (("left", 250.0, 68.0), ("right", 80.0, 72.0)):
+        (tmp_path / f"{side}.XML").write_text(
+            f"<isd><IMD><IMAGE><MEANSATAZ>{azimuth}</MEANSATAZ><MEANSATEL>{elevation}</MEANSATEL>"
+            "<MEANOFFNADIRVIEWANGLE>19.0</MEANOFFNADIRVIEWANGLE></IMAGE></IMD></isd>")
+    metadata = [str(tmp_path / "left.XML"), str(tmp_path / "right.XML")]
+    assert main([*base, "--views-from", *metadata, "--out", str(tmp_path / "from")]) == 0
+    assert "left 250.0°, 22.0°, right 80.0°, 18.0°" in capsys.readouterr().out
+    assert main([*base, "--views", "250", "22", "80", "18", "--out", str(tmp_path / "given")]) == 0
+    from_metadata, given = Scene.open(tmp_path / "from"), Scene.open(tmp_path / "given")
+    assert from_metadata.manifest["provenance"]["parallax"]["views"] == given.manifest["provenance"]["parallax"]["views"]
+    np.testing.assert_allclose(from_metadata.read("parallax"), given.read("parallax"), rtol=1e-5, equal_nan=True)
+    # not both ways at once, and a file without the angles says so
+    with pytest.raises(SystemExit) as both:
+        main([*base, "--views", "250", "22", "80", "18", "--views-from", *metadata, "--out", str(tmp_path / "both")])
+    assert both.value.code == 2 and "not allowed with" in capsys.readouterr().err
+    (tmp_path / "other.XML").write_text("<Dimap_Document/>")
+    assert main([*base, "--views-from", str(tmp_path / "other.XML"), metadata[1], "--out", str(tmp_path / "bad")]) == 2
+    assert "other.XML: no meanSatAz or meanSatEl" in capsys.readouterr().err
+    assert not (tmp_path / "both").exists() and not (tmp_path / "bad").exists()
+
+
 def test_blocks_give_the_whole_scene_estimate_away_from_their_seams():
     dz = _smooth_error((300, 300))
     left, right = _textured_pair(dz)

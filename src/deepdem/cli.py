@@ -48,6 +48,13 @@ def _prepare(args) -> int:
         except ValueError:
             raise InputError(f"{flag} expects two 1-based band indices NIR,RED (e.g. 1,2), got {text!r}") from None
 
+    views = ((args.views[0], args.views[1]), (args.views[2], args.views[3])) if args.views else None
+    if args.views_from:
+        from .imagery import read_view
+
+        views = tuple(read_view(path) for path in args.views_from)
+        print("views from the metadata (azimuth, off-nadir at the ground): "
+              + ", ".join(f"{side} {v.azimuth:.1f}°, {v.off_nadir:.1f}°" for side, v in zip(("left", "right"), views)))
     hls = None
     if args.hls:
         start, sep, end = args.hls.partition("/")
@@ -60,8 +67,7 @@ def _prepare(args) -> int:
         ndvi_bands=pair(args.ndvi_bands, "--ndvi-bands") if args.ndvi_bands else None,
         image_band=args.image_band, coregister=args.coregister, coregister_max_ndvi=args.coregister_max_ndvi,
         coregister_max_slope=args.coregister_max_slope, hls=hls,
-        views=((args.views[0], args.views[1]), (args.views[2], args.views[3])) if args.views else None,
-        parallax=not args.no_parallax,
+        views=views, parallax=not args.no_parallax,
     )
     files = dict(dsm=args.dsm, ortho_left=args.ortho_left, ortho_right=args.ortho_right,
                  triangulation_error=args.triangulation_error)
@@ -251,10 +257,13 @@ def _add_prepare_parser(subparsers) -> None:
     p.add_argument("--hls", metavar="START/END", help="NDVI from NASA HLS L30+S30 in this date window (YYYY-MM-DD/YYYY-MM-DD)")
     p.add_argument("--stac-url", default="https://cmr.earthdata.nasa.gov/stac/LPCLOUD", help="STAC API for --hls")
     p.add_argument("--max-cloud", type=number(float, 0, 100), default=None, help="skip HLS granules above this cloud cover (%%)")
-    p.add_argument("--views", nargs=4, type=number(float, -360, 360), metavar=("AZ_LEFT", "OFF_NADIR_LEFT", "AZ_RIGHT", "OFF_NADIR_RIGHT"),
-                   help="each image's satellite azimuth and off-nadir angle in degrees (WorldView IMD: meanSatAz, "
-                   "meanOffNadirViewAngle): adds the parallax band, the DSM error the orthos still see (without it, the "
-                   "orthos' shift is stored and train fits the pair's geometry on the truth)")
+    views = p.add_mutually_exclusive_group()
+    views.add_argument("--views", nargs=4, type=number(float, -360, 360), metavar=("AZ_LEFT", "OFF_NADIR_LEFT", "AZ_RIGHT", "OFF_NADIR_RIGHT"),
+                       help="each image's satellite azimuth and off-nadir angle at the ground in degrees (WorldView: "
+                       "meanSatAz, 90 - meanSatEl): adds the parallax band, the DSM error the orthos still see (without "
+                       "it, the orthos' shift is stored and train fits the pair's geometry on the truth)")
+    views.add_argument("--views-from", nargs=2, metavar=("LEFT_METADATA", "RIGHT_METADATA"),
+                       help="read --views from each image's WorldView/Maxar metadata (.XML, as ASP reads it, or .IMD)")
     p.add_argument("--no-parallax", action="store_true",
                    help="measure no parallax between the orthos (it takes about 7 s per million pixels on 2 cores)")
     p.add_argument("--image-band", type=positive_int, default=None, help="band of multiband orthos to use (default: mean of bands)")
