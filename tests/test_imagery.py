@@ -278,7 +278,7 @@ def test_ndvi_from_ign_irc_orthophoto(tmp_path):
 # -- the views' angles from WorldView metadata -----------------------------------------------------
 
 def _worldview_xml(path, azimuth, elevation, off_nadir):
-    path.write_text(f"""<?xml version="1.0" encoding="UTF-8"?>
+    path.write_text(f"""\ufeff<?xml version="1.0" encoding="UTF-8"?>
 <isd><IMD><VERSION>AA</VERSION><IMAGE><SATID>WV03</SATID>
 <MINSATAZ>{azimuth - 1}</MINSATAZ><MEANSATAZ>{azimuth}</MEANSATAZ><MAXSATAZ>{azimuth + 1}</MAXSATAZ>
 <MEANSATEL>{elevation}</MEANSATEL><MEANOFFNADIRVIEWANGLE>{off_nadir}</MEANOFFNADIRVIEWANGLE>

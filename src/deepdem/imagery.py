@@ -275,7 +275,7 @@ def read_view(path: str | os.PathLike):
     except OSError as exc:
         raise InputError(f"cannot read view metadata ({exc.strerror})", path) from None
     values = {}
-    if text.lstrip().startswith("<"):
+    if text.lstrip("\ufeff \t\r\n").startswith("<"):  # XML, perhaps after a byte-order mark
         try:
             root = ElementTree.fromstring(text)
         except ElementTree.ParseError as exc:
