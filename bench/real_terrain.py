@@ -15,8 +15,9 @@ the other sites and on a held-out tile of a training site:
 * deepdem at its defaults (which read the parallax band that ``prepare`` measures between the
   orthos from the views ``synth`` records), and deepdem with the training defaults before this
   benchmark (each scene's own scale factor, holes at the chip mean, a 20 % hold-out, a randomly
-  initialised output layer, no relief augmentation; today's input bands, the parallax band
-  among them) to measure what those changes bought; with ``--ablations``, each change
+  initialised output layer, no relief augmentation or weight averaging, chips drawn by scene
+  area; today's input bands, the parallax band among them) to measure what those changes
+  bought; with ``--ablations``, each change
   undone on its own, candidate defaults, and three inputs each left out (the triangulation
   error, NDVI, the parallax band) beside them;
 * for the terrain under vegetation, deepdem ``--target dtm`` against the SMRF ground filter;
@@ -97,7 +98,7 @@ DSM_MODELS = {
     # so what differs is the branch's share of the CPU budget (fewer steps in it)
     NO_SIGMA: dict(uncertainty=False),
     BEFORE: dict(scale_source="scene", fill_holes=False, holdout_fraction=0.2, identity_init=False,
-                 relief_augmentation=False, weight_averaging=False),
+                 relief_augmentation=False, weight_averaging=False, scene_sampling="area"),
     # ResDepth's network as published (randomly initialised, no relief augmentation or weight averaging),
     # in deepdem's pipeline
     "ResDepth-UNet, DSM only": dict(arch="ResDepth", bands=["dsm"], identity_init=False, relief_augmentation=False,
@@ -118,6 +119,7 @@ ABLATIONS = {
     # candidates: capacity (a deeper encoder, fewer steps in the budget), and an edge term in the loss
     "deepdem, resnet34 encoder": dict(encoder="resnet34"),
     "deepdem, gradient loss 1": dict(gradient_loss=1.0),
+    "deepdem, chips by scene area": dict(scene_sampling="area"),
     # two inputs whose values depend on the sensor and the site, each left out: what does the
     # network take from the triangulation error (metres, unscaled) and from NDVI?
     "deepdem, no triangulation error": dict(bands=[b for b in DEFAULT_BANDS if b != "triangulation_error"]),

@@ -584,3 +584,20 @@ def test_the_best_epoch_is_the_one_with_the_lowest_validation_mae():
         keeper.on_train_epoch_end(trainer, module)
     assert keeper.best_epoch == 1 and keeper.best_score == pytest.approx(0.7)
     assert float(keeper.best_state["weight"]) == 1.0  # a copy: later epochs did not change it
+
+
+def test_scene_sampling_shares_the_chips_by_area_or_equally(prepared_scene):
+    from deepdem.data import Region
+
+    bands = ["dsm", "nodata_mask"]
+    arrays = SceneArrays(prepared_scene, bands, "dsm", 64)
+    large, small = Region(0, 64 + 63, 0, 64 + 63), Region(0, 64, 0, 64 + 3)  # 64² and 4 chip positions
+    counts = {}
+    for sampling in ("area", "equal"):
+        dataset = ChipDataset([arrays, arrays], [large, small], bands, 64, "train", samples=2000, seed=5,
+                              scene_sampling=sampling)
+        counts[sampling] = np.bincount(dataset._epoch_draws()[:, 0], minlength=2)
+    assert 1900 < counts["area"][0] and counts["area"][1] < 100  # 4096 : 4 positions
+    assert 900 < counts["equal"][1] < 1100
+    with pytest.raises(ValueError, match="scene_sampling must be one of area, equal"):
+        ChipDataset([arrays], [large], bands, 64, "train", scene_sampling="site")

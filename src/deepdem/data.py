@@ -367,6 +367,10 @@ class _Batch:
     scale: np.ndarray
 
 
+#: How training chips are shared among the scenes (see :class:`ChipDataset`).
+SCENE_SAMPLING = ("area", "equal")
+
+
 class ChipDataset(Dataset):
     """Chips of one or more scenes for training (random, augmented) or validation (fixed grid).
 
@@ -381,6 +385,12 @@ class ChipDataset(Dataset):
     (the same transform on both, so the correction to learn is stretched with the relief).
     Training sites are often flatter than the scenes a model is used on; without it, a model
     trained on flat ground and cities made a steep forest's DSM worse (BENCHMARKS.md).
+
+    ``scene_sampling`` picks each training chip's scene with equal odds (``"equal"``: every scene
+    alike, so that a large, easy site does not take most of the chips) or in proportion to the
+    scene's area (``"area"``: every pixel alike). On the real-terrain benchmark, where the largest
+    training scene is mostly flat fields (69 % of the chips by area), equal odds lowered the
+    held-out MAE on 6 of 8 scenes (docs/training.md).
     """
 
     def __init__(
@@ -394,9 +404,12 @@ class ChipDataset(Dataset):
         seed: int = 0,
         swap_images: bool = True,
         relief_share: float = 0.0,
+        scene_sampling: str = "equal",
     ):
         if mode not in ("train", "val"):
             raise ValueError(mode)
+        if scene_sampling not in SCENE_SAMPLING:
+            raise ValueError(f"scene_sampling must be one of {', '.join(SCENE_SAMPLING)}, got {scene_sampling!r}")
         if not 0.0 <= relief_share <= 1.0:
             raise ValueError(f"relief_share must lie in [0, 1], got {relief_share}")
         self.relief_share = relief_share if mode == "train" else 0.0
@@ -423,7 +436,8 @@ class ChipDataset(Dataset):
         else:
             self.samples = samples
             areas = np.array([(r.height - chip_size + 1) * (r.width - chip_size + 1) for r in self.regions], float)
-            self.scene_weights = areas / areas.sum()
+            weights = areas if scene_sampling == "area" else (areas > 0).astype(float)
+            self.scene_weights = weights / weights.sum()
 
     def __len__(self) -> int:
         return self.samples

@@ -30,7 +30,7 @@ from lightning.pytorch.callbacks import Callback, EarlyStopping, WeightAveraging
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from torch.utils.data import DataLoader
 
-from .data import ChipDataset, SceneArrays, collate_chips, largest_fitting_chip, spatial_split
+from .data import SCENE_SAMPLING, ChipDataset, SceneArrays, collate_chips, largest_fitting_chip, spatial_split
 from .errors import InputError
 from .flags import fraction, non_negative_int, number, positive, positive_int, share
 from .models import (DEFAULT_BANDS, SCALE_SOURCES, TARGETS, DeepDEMRegressionTask, autocast_is_fast, load_checkpoint,
@@ -71,6 +71,7 @@ class TrainConfig:
     fill_holes: bool = field(default=True, metadata={"help": "fill the DSM's holes by inverse-distance weighting before normalising"})
     relief_augmentation: bool = field(default=True, metadata={"help": "stretch (0.7-3x) and tilt (up to 40 deg) the relief of a share of the training chips (--relief-share), DSM and truth alike"})
     relief_share: float = field(default=0.5, metadata={"help": "share of the training chips whose relief is changed, with --relief-augmentation (0-1)"})
+    scene_sampling: str = field(default="equal", metadata={"help": "training chips per scene: as many from each (equal) or in proportion to its area (area)"})
     gradient_loss: float = field(default=0.0, metadata={"help": "weight of an L1 term on the height differences between neighbouring pixels (edges), beside the L1 on heights"})
     uncertainty: bool = field(default=True, metadata={"help": "learn a per-pixel sigma beside each height (Laplace NLL, the mean still trained by L1) and calibrate it on the validation chips; refine then writes <out>_sigma.tif"})
     weight_averaging: bool = field(default=True, metadata={"help": "validate, keep and refine with a running average of the weights that leans on the run's last steps (TrailingWeightAverage)"})
@@ -164,7 +165,7 @@ FLAG_TYPES = {
     "num_nodes": positive_int, "num_workers": non_negative_int, "devices": _int_or_str,
 }
 FLAG_CHOICES = {
-    "target": list(TARGETS), "precision": ["auto", "32-true", "bf16-mixed", "16-mixed", "64-true", "32", "16", "bf16"],
+    "target": list(TARGETS), "scene_sampling": list(SCENE_SAMPLING), "precision": ["auto", "32-true", "bf16-mixed", "16-mixed", "64-true", "32", "16", "bf16"],
     "accelerator": ["auto", "cpu", "gpu", "cuda", "mps", "tpu"],
 }
 
@@ -425,7 +426,8 @@ def _train(config: TrainConfig, extra_callbacks: list[Callback]) -> TrainResult:
     splits = [spatial_split(s.shape, chip_size, holdout) for s in opened]
     train_set = ChipDataset(arrays, [t for t, _ in splits], bands, chip_size, "train",
                             config.samples_per_epoch, config.seed, swap_images=config.swap_images,
-                            relief_share=config.relief_share if config.relief_augmentation else 0.0)
+                            relief_share=config.relief_share if config.relief_augmentation else 0.0,
+                            scene_sampling=config.scene_sampling)
     if val_opened:
         val_set = ChipDataset([scene_arrays(s) for s in val_opened],
                               [spatial_split(s.shape, chip_size, 0.0)[1] for s in val_opened], bands, chip_size, "val")
@@ -557,6 +559,7 @@ def _model_kwargs(config: TrainConfig, bands: list[str], gsf: dict[str, float], 
         "gradient_loss": config.gradient_loss,
         "relief_augmentation": config.relief_augmentation,
         "relief_share": config.relief_share if config.relief_augmentation else 0.0,
+        "scene_sampling": config.scene_sampling,
         "uncertainty": "laplace" if config.uncertainty else None,
         "weight_averaging": "trailing, update t of T weighs t^2" if config.weight_averaging else None,
         # σ from a branch beside the network (models.SigmaBranch), which leaves the heights alone
