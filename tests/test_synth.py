@@ -86,7 +86,7 @@ def test_files_use_asp_names_and_nodata(synth_dir):
 
 def _lidar_like_truth(tmp_path, size=128, resolution=0.5):
     """A gridded-LIDAR-like truth: a gentle slope, a 9 m flat-roofed building, a rough tree
-    crown, and a patch without returns (water), written as dsm.tif/dtm.tif."""
+    crown, a patch without returns (water) and a strip outside the survey, written as dsm.tif/dtm.tif."""
     from rasterio.transform import from_origin
 
     from deepdem.io import write_raster
@@ -99,6 +99,7 @@ def _lidar_like_truth(tmp_path, size=128, resolution=0.5):
     crown = (rows - 90) ** 2 + (cols - 90) ** 2 < 15**2
     dsm[crown] = dtm[crown] + 12.0 + rng.normal(0, 1.5, crown.sum())
     dsm[100:120, 10:40] = np.nan
+    dsm[:, -6:] = np.nan  # outside the survey
     transform = from_origin(700000.0, 6600000.0, resolution, resolution)
     for name, values in (("dsm", dsm), ("dtm", dtm)):
         write_raster(tmp_path / f"{name}.tif", np.where(np.isfinite(values), values, -9999.0).astype(np.float32),
@@ -121,6 +122,7 @@ def test_synth_from_lidar_keeps_the_truth_and_degrades_it(tmp_path, errors):
     error = initial - dsm
     valid = np.isfinite(error)
     assert np.isnan(initial[100:120, 10:40]).mean() > 0.9  # no LIDAR return: water, no match either
+    assert np.isnan(initial[:, -6:]).mean() < 0.5  # outside the survey: no truth, but no water either
     assert 0.02 < np.isnan(initial).mean() < 0.6
     assert np.array_equal(np.isnan(tri), np.isnan(initial))
     flat = valid & (dsm - dtm < 0.5)
