@@ -165,8 +165,12 @@ def stamp_generator(folder: Path) -> None:
 
 
 def scenes_generator(work: Path) -> str:
-    """The fingerprint stamped on the scenes in ``work`` (several, comma-separated, if they differ)."""
-    stamps = sorted({p.read_text() for p in work.glob(f"scene*-*/{GENERATOR_STAMP}")})
+    """The fingerprint stamped on the scenes in ``work`` (several, comma-separated, if they differ).
+
+    Only the scenes every section reads (``scene<i>-<errors>``): a stale copy prepared another way
+    (``-views-unknown``, remade when its section runs) says nothing of the others.
+    """
+    stamps = sorted({p.read_text() for errors in ERRORS for p in work.glob(f"scene*-{errors}/{GENERATOR_STAMP}")})
     return ", ".join(stamps) if stamps else "unknown"
 
 
