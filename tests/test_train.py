@@ -12,7 +12,7 @@ from deepdem.data import (ChipDataset, SceneArrays, chip_means, fill_dsm_holes, 
 from deepdem.errors import InputError
 from deepdem.models import DeepDEMRegressionTask, load_checkpoint
 from deepdem.scene import Scene
-from deepdem.train import train
+from deepdem.train import TrainConfig, train
 
 
 def test_normalisation_is_chip_mean_over_scale():
@@ -601,3 +601,10 @@ def test_scene_sampling_shares_the_chips_by_area_or_equally(prepared_scene):
     assert 900 < counts["equal"][1] < 1100
     with pytest.raises(ValueError, match="scene_sampling must be one of area, equal"):
         ChipDataset([arrays], [large], bands, 64, "train", scene_sampling="site")
+
+
+def test_a_config_with_an_unknown_scene_sampling_is_refused_before_training(prepared_scene, tmp_path):
+    (tmp_path / "config.yaml").write_text("scene_sampling: site\n")
+    with pytest.raises(InputError, match="scene_sampling must be one of area, equal, got 'site'"):
+        train([prepared_scene], tmp_path / "run", config=TrainConfig.from_yaml(tmp_path / "config.yaml"), progress=False)
+    assert not (tmp_path / "run").exists()

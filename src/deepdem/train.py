@@ -398,6 +398,8 @@ def _train(config: TrainConfig, extra_callbacks: list[Callback]) -> TrainResult:
         raise InputError(f"target must be one of {', '.join(TARGETS)}, got {config.target!r}")
     if config.scale_source not in SCALE_SOURCES:
         raise InputError(f"scale_source must be one of {', '.join(SCALE_SOURCES)}, got {config.scale_source!r}")
+    if config.scene_sampling not in SCENE_SAMPLING:
+        raise InputError(f"scene_sampling must be one of {', '.join(SCENE_SAMPLING)}, got {config.scene_sampling!r}")
     opened = [s if isinstance(s, Scene) else Scene.open(s) for s in config.scenes]
     if not opened:
         raise InputError("no scene given (--scene DIR)")
