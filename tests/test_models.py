@@ -6,7 +6,7 @@ import torch
 
 from deepdem.errors import CheckpointError
 from deepdem.models import (DeepDEMRegressionTask, ResDepthUNet, build_network, export_safetensors,
-                            load_checkpoint, masked_gradient_l1, save_checkpoint)
+                            load_checkpoint, masked_gradient_l1, output_layer, save_checkpoint)
 
 
 @pytest.mark.parametrize("arch", ["Unet", "UnetPlusPlus", "FPN", "DeepLabV3Plus", "ResDepth"])
@@ -124,6 +124,36 @@ def test_sigma_branch_trains_alone_and_leaves_the_network_of_a_model_without_sig
     with_sigma(inputs)[:, 2:].square().sum().backward()
     moved = {n for n, p in with_sigma.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
     assert moved and all(n.startswith("sigma_branch.") for n in moved), moved
+
+
+def test_sigma_branch_trains_on_a_quarter_of_the_batch_and_validates_on_all_of_it():
+    """The σ branch's cost comes out of the network's training steps: it sees ceil(B/4) chips
+    of a training batch, every chip in validation and inference; the heights see every chip."""
+    from deepdem.models import SIGMA_TRAINING_SHARE
+
+    torch.manual_seed(0)
+    task = _task(target="dsm", uncertainty="laplace", sigma_head="branch")
+    seen = []
+    task.sigma_branch.register_forward_hook(lambda module, args, output: seen.append(output.shape[0]))
+    task._trainer = SimpleNamespace(world_size=1)
+    task.log = lambda *args, **kwargs: None
+    batch = {"inputs": torch.randn(10, 2, 64, 64), "base": torch.zeros(10, 1, 64, 64),
+             "scale": torch.full((10, 1, 1, 1), 2.0), "target": torch.randn(10, 1, 64, 64),
+             "valid": torch.ones(10, 1, 64, 64, dtype=torch.bool)}
+    assert SIGMA_TRAINING_SHARE == 0.25
+    loss = task._shared_step(batch, "train")
+    loss.backward()
+    assert seen == [3]  # ceil(10 / 4)
+    assert all(p.grad is not None for p in task.sigma_branch.parameters())
+    # the L1 of all 10 chips reaches the network: its gradient differs from that of the first 3 alone
+    whole = output_layer(task.model).weight.grad.clone()
+    task.zero_grad()
+    task._shared_step({key: value[:3] for key, value in batch.items()}, "train").backward()
+    assert not torch.allclose(whole, output_layer(task.model).weight.grad)
+    task.eval()
+    with torch.no_grad():
+        heights, sigma = task.predict(batch)
+    assert seen[-1] == 10 and sigma.shape == heights.shape == (10, 1, 64, 64)
 
 
 def test_checkpoints_keep_their_sigma_head_joint_from_before_the_branch_or_branched(tmp_path):

@@ -34,6 +34,11 @@ UNCERTAINTY_KINDS = ("laplace",)
 SIGMA_HEADS = ("joint", "branch")
 #: The σ channel's floor in normalised units: keeps 1/b and log b finite for a saturated head.
 MIN_SCALE = 1e-3
+#: The share of each training batch's chips on which the σ branch is trained. The branch's cost
+#: comes out of the network's budget of steps (``--max-minutes``); on a quarter of the chips it
+#: gets an update every step for a quarter of that cost. Chips are drawn independently, so the
+#: first ones of a batch are a random sample.
+SIGMA_TRAINING_SHARE = 0.25
 CHECKPOINT_FORMAT = "deepdem-checkpoint-1"
 TARGETS = {"dsm": ("dsm",), "dtm": ("dtm",), "both": ("dsm", "dtm")}
 
@@ -293,8 +298,20 @@ class DeepDEMRegressionTask(L.LightningModule):
         """Heights in metres (B, n_targets, H, W)."""
         return self.predict(batch)[0]
 
+    def _training_heads(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised residuals of every chip, and the Laplace scale b of the first
+        :data:`SIGMA_TRAINING_SHARE` of them only (the σ branch's training batch)."""
+        n = len(self.targets)
+        raw = self.model(inputs)
+        features, self._features = self._features, None
+        chips = max(1, math.ceil(inputs.shape[0] * SIGMA_TRAINING_SHARE))
+        return raw[:, :n].float(), laplace_scale(self.sigma_branch(features[:chips], inputs[:chips]))
+
     def _shared_step(self, batch, stage: str):
-        residual, scale = self._heads(self(batch["inputs"]))  # b, before calibration
+        if stage == "train" and self.sigma_branch is not None:
+            residual, scale = self._training_heads(batch["inputs"])
+        else:
+            residual, scale = self._heads(self(batch["inputs"]))  # b, before calibration
         prediction = residual * batch["scale"] + batch["base"]
         target, valid = batch["target"], batch["valid"]
         loss = sum(masked_l1(prediction[:, i : i + 1], target[:, i : i + 1], valid[:, i : i + 1])
@@ -310,8 +327,9 @@ class DeepDEMRegressionTask(L.LightningModule):
             loss = loss + gradient_weight * steps
         if scale is not None:
             # In metres, so that the NLL's log b is comparable between scenes of other scales.
-            scale_m = scale * batch["scale"]
-            nll = masked_laplace_nll((prediction.detach() - target), scale_m, valid)
+            chips = scale.shape[0]  # all of them, or the σ branch's share in training
+            scale_m = scale * batch["scale"][:chips]
+            nll = masked_laplace_nll((prediction[:chips].detach() - target[:chips]), scale_m, valid[:chips])
             self.log(f"{stage}_nll", nll, batch_size=batch_size, on_epoch=True, on_step=False, sync_dist=sync)
             loss = loss + nll
         if stage == "val":
