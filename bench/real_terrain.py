@@ -126,6 +126,8 @@ ABLATIONS = {
     "deepdem, no NDVI": dict(bands=[b for b in DEFAULT_BANDS if b != "ndvi"]),
     # the orthos' residual parallax, which prepare measures from the views synth records
     "deepdem, no parallax band": dict(bands=[b for b in DEFAULT_BANDS if b != "parallax"]),
+    # the orthos' local correlation, which prepare measures: where they disagree, the DSM is wrong
+    "deepdem, no ortho correlation": dict(bands=[b for b in DEFAULT_BANDS if b != "ortho_correlation"]),
 }
 
 
@@ -199,7 +201,7 @@ def build_scenes(work: Path) -> dict[tuple[str, str], Scene]:
                 synth_from_lidar(raw, truth_dir / "dsm.tif", truth_dir / "dtm.tif", errors=errors, seed=100 + index)
                 prepare_from_asp_dir(raw, prepared)
                 stamp_generator(prepared)
-            elif not Scene.open(prepared).has("parallax"):  # prepared before prepare measured parallax
+            elif not all(Scene.open(prepared).has(b) for b in DEFAULT_BANDS):  # prepared before prepare made a band
                 prepare_from_asp_dir(raw, prepared)
                 stamp_generator(prepared)
             scenes[(site, errors)] = Scene.open(prepared)
@@ -214,7 +216,8 @@ def build_scenes_without_views(work: Path, scenes: dict[tuple[str, str], Scene])
     for site, errors in scenes:
         index = list(SITES).index(site)
         raw, prepared = work / f"raw{index}-{errors}", work / f"scene{index}-{errors}-views-unknown"
-        if not made_by_current_generator(prepared):
+        if not made_by_current_generator(prepared) or not all(Scene.open(prepared).has(b) for b in DEFAULT_BANDS
+                                                               if b != "parallax"):
             prepare_from_asp_prefix(raw / ASP_FILES["dsm"][: -len("-DEM.tif")], prepared,
                                     truth=raw / ASP_FILES["truth_dsm"], truth_dtm=raw / ASP_FILES["truth_dtm"])
             stamp_generator(prepared)

@@ -11,7 +11,8 @@ from rasterio.windows import Window
 from scipy import ndimage
 
 from deepdem.errors import InputError
-from deepdem.parallax import fit_scene_geometry, fit_shift_per_metre, height_error_from_parallax, shift_per_metre
+from deepdem.parallax import (fit_scene_geometry, fit_shift_per_metre, height_error_from_parallax, local_correlation,
+                              shift_per_metre)
 from deepdem.scene import Scene
 from deepdem.synth import View, fractal_surface, render_ortho
 
@@ -122,6 +123,51 @@ def test_blocks_give_the_whole_scene_estimate_away_from_their_seams():
     assert np.isfinite(blocks).all()
     # each block sees 64 px around it: the same flow, but for the pyramid's depth
     assert np.mean(np.abs(blocks - whole)) < 0.05 * np.mean(np.abs(dz))
+
+
+# -- the orthos' local correlation ---------------------------------------------------------------
+
+def test_the_orthos_correlate_where_the_dsm_is_right_and_not_where_it_is_wrong():
+    dz = np.zeros((120, 120))
+    dz[40:80, 40:80] = 8.0  # a block 8 m too high: 11.7 px of parallax for the generator's pair
+    left, right = _textured_pair(dz)
+    correlation = local_correlation(left, right)
+    assert correlation.dtype == np.float32 and np.nanmin(correlation) >= -1 and np.nanmax(correlation) <= 1
+    right_dsm, wrong_dsm = correlation[5:30, 5:30], correlation[45:75, 45:75]
+    assert np.median(right_dsm) > 0.95
+    assert np.median(wrong_dsm) < 0.4
+    # a gain and an offset between the acquisitions change nothing
+    np.testing.assert_allclose(local_correlation(left, 1.7 * right + 40.0), correlation, atol=1e-3)
+
+
+def test_a_textureless_patch_is_not_read_as_agreement():
+    rng = np.random.default_rng(0)
+    left, right = _textured_pair(np.zeros((64, 64)))
+    flat = np.full((64, 64), 0.3) + 1e-4 * rng.normal(size=(64, 64))  # water: noise alone
+    left[20:44, 20:44], right[20:44, 20:44] = flat[20:44, 20:44], 0.3 + 1e-4 * rng.normal(size=(24, 24))
+    assert np.abs(np.median(local_correlation(left, right)[25:39, 25:39])) < 0.1
+
+
+def test_the_correlation_is_nodata_where_an_ortho_is_and_the_same_in_blocks():
+    dz = _smooth_error((150, 150), amplitude=4.0)
+    left, right = _textured_pair(dz)
+    left[:10] = np.nan
+    right[:, -7:] = np.nan
+    whole = local_correlation(left, right, block=1024)
+    assert np.isnan(whole[:10]).all() and np.isnan(whole[:, -7:]).all() and np.isfinite(whole[10:, :-7]).all()
+    # each block reads its window's margin: the same values, seams included
+    np.testing.assert_allclose(local_correlation(left, right, block=32), whole, atol=1e-5, equal_nan=True)
+
+
+def test_prepare_stores_the_correlation_from_the_stored_orthos(prepared_scene):
+    stored = prepared_scene.read("ortho_correlation")
+    remade = local_correlation(prepared_scene.read("ortho_left"), prepared_scene.read("ortho_right"))
+    np.testing.assert_allclose(stored, remade, atol=1e-6, equal_nan=True)
+    dz = np.abs(prepared_scene.read("dsm") - prepared_scene.read("truth_dsm"))
+    ok = np.isfinite(dz) & np.isfinite(stored)
+    # the generated scene's largest errors are where the orthos disagree most
+    large = dz[ok] > np.percentile(dz[ok], 90)
+    assert np.median(stored[ok][large]) < np.median(stored[ok][~large]) - 0.1
 
 
 # -- a pair whose angles were not given: the geometry fitted on the truth ---------------------

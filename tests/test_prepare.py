@@ -5,6 +5,7 @@ import pytest
 import rasterio
 from rasterio.crs import CRS
 from rasterio.transform import from_origin
+from scipy import ndimage
 
 from deepdem.errors import GridError, InputError
 from deepdem.io import FLOAT32_MIN
@@ -113,7 +114,7 @@ def test_asp_prefix_and_truth_are_enough(capsys, synth_dir, tmp_path):
     scene = Scene.open(tmp_path / "scene")
     # no --views: the orthos' shift, from which train derives the parallax band
     assert set(scene.bands) == {"dsm", "ortho_left", "ortho_right", "triangulation_error", "ndvi", "nodata_mask",
-                                "truth_dsm", "parallax_shift_x", "parallax_shift_y"}
+                                "truth_dsm", "parallax_shift_x", "parallax_shift_y", "ortho_correlation"}
     assert scene.stores_parallax_shift and not scene.has("parallax")
     inputs = scene.manifest["provenance"]["inputs"]
     assert inputs["ortho_left"].endswith("left_ortho.tif") and inputs["triangulation_error"].endswith("run-IntersectionErr.tif")
@@ -482,3 +483,21 @@ def test_resampling_keeps_the_extent_a_plane_and_the_nodata(tmp_path):
     np.testing.assert_allclose(coarse.read("dsm"), expected, atol=1e-4)
     with pytest.raises(InputError, match="pixel size must be > 0"):
         resample_scene(scene, 0.0, tmp_path / "zero")
+
+
+def test_resampling_remakes_the_orthos_correlation_from_the_resampled_orthos(tmp_path):
+    from deepdem.parallax import local_correlation
+
+    grid = Grid(CRS.from_epsg(32631), from_origin(1000.0, 2000.0, 1.0, 1.0), 40, 60)
+    rng = np.random.default_rng(0)
+    left = ndimage.gaussian_filter(rng.uniform(0, 1, grid.shape), 1.5).astype(np.float32)
+    right = np.where(np.arange(60) < 30, left, rng.uniform(0, 1, grid.shape)).astype(np.float32)  # they differ on the east
+    bands = {"dsm": np.zeros(grid.shape, np.float32), "ortho_left": left, "ortho_right": right,
+             "ortho_correlation": local_correlation(left, right)}
+    scene = write_scene(tmp_path / "scene", grid, bands, n_chips=50)
+    fine = resample_scene(scene, 0.5, tmp_path / "fine", bands=["dsm", "ortho_correlation"])
+    assert fine.bands == ["dsm", "ortho_correlation", "nodata_mask"]  # the orthos are read, not carried
+    correlation = fine.read("ortho_correlation")
+    np.testing.assert_allclose(correlation, local_correlation(*(resample_scene(scene, 0.5, tmp_path / "orthos").read(b)
+                                                                for b in ("ortho_left", "ortho_right"))), atol=1e-6)
+    assert np.median(correlation[:, :50]) > 0.95 and np.median(correlation[:, 70:]) < 0.5

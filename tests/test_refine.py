@@ -81,6 +81,8 @@ def test_checkpoint_whose_bands_the_scene_lacks_is_refused(tmp_path):
         refine(zero_residual_task(bands=["ortho_left"]), scene, tmp_path / "out.tif", progress=False)
     with pytest.raises(CheckpointError, match="lacks band\\(s\\) parallax .*prepare the scene with --views"):
         refine(zero_residual_task(bands=["dsm", "parallax"]), scene, tmp_path / "out.tif", progress=False)
+    with pytest.raises(CheckpointError, match="lacks band\\(s\\) ortho_correlation .*prepare it again with this version"):
+        refine(zero_residual_task(bands=["dsm", "ortho_correlation"]), scene, tmp_path / "out.tif", progress=False)
     assert not (tmp_path / "out.tif").exists()
     no_dsm = save_checkpoint(zero_residual_task(bands=["ortho_left"]), tmp_path / "no_dsm.ckpt")
     with pytest.raises(CheckpointError, match="no_dsm.ckpt: checkpoint bands \\['ortho_left'\\] lack 'dsm'"):

@@ -56,7 +56,8 @@ def test_short_training_run_writes_a_checkpoint_refine_can_use(prepared_scene, t
     assert result.checkpoint.stat().st_size < 80e6  # weights and metadata, no optimiser state
     task = load_checkpoint(result.checkpoint)
     kwargs = task.model_kwargs
-    assert kwargs["bands"] == ["dsm", "ortho_left", "ortho_right", "triangulation_error", "ndvi", "parallax", "nodata_mask"]
+    assert kwargs["bands"] == ["dsm", "ortho_left", "ortho_right", "triangulation_error", "ndvi", "parallax",
+                               "ortho_correlation", "nodata_mask"]
     assert kwargs["chip_size"] == 64 and kwargs["target"] == "dsm"
     assert float(kwargs["GSF_DICT"]["64"]) == pytest.approx(prepared_scene.scale_factor(64))
     assert str(prepared_scene.path.resolve()) in kwargs["datapath"]
@@ -492,15 +493,16 @@ def test_a_model_trained_with_sigma_refines_to_the_bytes_of_one_trained_without(
 def test_training_cache_holds_one_model_ready_copy_of_the_bands(prepared_scene, tmp_path):
     from deepdem.data import CACHE_BYTES_PER_PIXEL
 
-    bands = ["dsm", "ortho_left", "ortho_right", "triangulation_error", "ndvi", "parallax", "nodata_mask"]
+    bands = ["dsm", "ortho_left", "ortho_right", "triangulation_error", "ndvi", "parallax", "ortho_correlation",
+             "nodata_mask"]
     (tmp_path / "cache" / "dsm-v1-0.npy").parent.mkdir()
     (tmp_path / "cache" / "dsm-T-v3-0.npy").write_bytes(b"stale")  # an older layout's file
     SceneArrays(prepared_scene, bands, "dsm", 64, cache_dir=tmp_path / "cache")
     files = list((tmp_path / "cache").glob("*.npy"))
-    assert len(files) == 8 and not (tmp_path / "cache" / "dsm-T-v3-0.npy").exists()
+    assert len(files) == 9 and not (tmp_path / "cache" / "dsm-T-v3-0.npy").exists()
     pixels = prepared_scene.shape[0] * prepared_scene.shape[1]
     size = sum(f.stat().st_size for f in files)
-    assert CACHE_BYTES_PER_PIXEL == 29 and size <= pixels * CACHE_BYTES_PER_PIXEL + 8 * 128  # + .npy headers
+    assert CACHE_BYTES_PER_PIXEL == 33 and size <= pixels * CACHE_BYTES_PER_PIXEL + 9 * 128  # + .npy headers
 
 
 def test_trailing_weight_average_leans_on_the_last_third_of_the_run():

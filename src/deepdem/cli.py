@@ -303,7 +303,7 @@ def _add_train_parser(subparsers) -> None:
                               description="Train a refinement model. Every flag is also a key of the YAML "
                               "--config. On first use each scene's bands are cached, model-ready, in "
                               "<scene>/.cache/ (or the temporary directory for a read-only scene): one file per "
-                              "band, about 25 bytes per pixel (a 10,000 x 10,000 px scene: 2.5 GB); delete it "
+                              "band, 33 bytes per pixel (a 10,000 x 10,000 px scene: 3.3 GB); delete it "
                               "freely, it is rebuilt.")
     from .train import add_train_arguments
 

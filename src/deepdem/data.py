@@ -36,8 +36,8 @@ from .io import atomic_path
 from .scene import BANDS, PARALLAX_SHIFTS, Scene
 
 TARGET_BANDS = {"dsm": "truth_dsm", "dtm": "truth_dtm"}
-#: Training cache per pixel of a scene: six float32 inputs, the uint8 mask and one float32 truth.
-CACHE_BYTES_PER_PIXEL = 6 * 4 + 1 + 4
+#: Training cache per pixel of a scene: seven float32 inputs, the uint8 mask and one float32 truth.
+CACHE_BYTES_PER_PIXEL = 7 * 4 + 1 + 4
 #: how far (px) the DSM's holes are filled before normalisation; farther pixels stay no data
 HOLE_FILL_DISTANCE = 100.0
 
@@ -209,7 +209,7 @@ class SceneArrays:
     * each truth band: float32, NaN wherever the loss must not look: where the truth or the
       inputs (DSM, mask) have no data.
 
-    That is :data:`CACHE_BYTES_PER_PIXEL` bytes per pixel for the seven inputs and one truth. A
+    That is :data:`CACHE_BYTES_PER_PIXEL` bytes per pixel for the eight inputs and one truth. A
     rotated or mirrored chip is a strided copy from the map: slower than a straight one, and
     still far faster than the model consumes chips (``bench/train_data.py``), so no rotated
     copies of the scene are kept.

@@ -26,7 +26,8 @@ from torch import nn
 
 from .errors import CheckpointError
 
-DEFAULT_BANDS = ("dsm", "ortho_left", "ortho_right", "triangulation_error", "ndvi", "parallax", "nodata_mask")
+DEFAULT_BANDS = ("dsm", "ortho_left", "ortho_right", "triangulation_error", "ndvi", "parallax", "ortho_correlation",
+                 "nodata_mask")
 #: What a model's σ head predicts: the scale of a Laplace distribution of its error.
 UNCERTAINTY_KINDS = ("laplace",)
 #: Where σ comes from: one output layer shared with the residuals (earlier checkpoints), or a

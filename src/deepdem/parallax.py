@@ -18,6 +18,11 @@ Where the views' angles are not given, ``prepare`` stores the measured shift its
 metres along columns and rows); ``train`` fits the pair's geometry on each training scene's truth
 (:func:`fit_shift_per_metre`), and the checkpoint carries it to ``refine``, which reads a scene
 of unknown angles as if taken by a pair like the training one.
+
+Where the DSM is wrong by more than that flow can follow (an occlusion one view cannot see, a
+blunder a pixel or two wide, which is what a semi-global matcher leaves), the orthos simply
+disagree. :func:`local_correlation` measures that, pixel by pixel, for the ``ortho_correlation``
+band.
 """
 
 from __future__ import annotations
@@ -54,6 +59,8 @@ FLOW_RADIUS = 3
 #: side, so that a 10 km scene needs the memory of one block, not of the whole
 #: scene. A block took 29 s on 2 CPU cores (7 s per million pixels), the process under 1 GB.
 BLOCK, MARGIN = 2048, 64
+#: Half-width (px) of the window in which :func:`local_correlation` compares the orthos.
+CORRELATION_RADIUS = 2
 #: A pair whose shift per metre of height is shorter than this sees too little parallax to measure height.
 MIN_BASE_TO_HEIGHT = 0.05
 #: Pixels needed to fit a pair's geometry where its angles are unknown.
@@ -134,16 +141,34 @@ def _locally_normalised(image: np.ndarray, valid: np.ndarray) -> np.ndarray:
     return (filled - mean) / np.sqrt(variance + 1e-3 * np.var(filled[valid]))
 
 
+def _blocks(shape: tuple[int, int], block: int, margin: int, desc: str, progress: bool | None):
+    """(window, inner, target) for each ``block``-sized square of a raster of ``shape``: the
+    block read with ``margin`` more pixels on every side, where the block lies inside that
+    window, and where it lies in the raster. ``progress``: a bar over the blocks (default: on a
+    terminal, when there is more than one)."""
+    import sys
+
+    from tqdm.auto import tqdm
+
+    height, width = shape
+    corners = [(row, col) for row in range(0, height, block) for col in range(0, width, block)]
+    if progress is None:
+        progress = sys.stderr.isatty() and len(corners) > 1
+    for row, col in tqdm(corners, desc=desc, unit="block", disable=not progress, leave=False):
+        r0, c0 = max(row - margin, 0), max(col - margin, 0)
+        r1, c1 = min(row + block + margin, height), min(col + block + margin, width)
+        window = (slice(r0, r1), slice(c0, c1))
+        inner = (slice(row - r0, min(row + block, height) - r0), slice(col - c0, min(col + block, width) - c0))
+        yield window, inner, (slice(row, row + block), slice(col, col + block))
+
+
 def shift_between(left: np.ndarray, right: np.ndarray, resolution: float | tuple[float, float],
                   block: int = BLOCK, progress: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The shift (metres along columns, along rows; float32) that carries the right ortho onto
     the left at every pixel; NaN where either ortho has no data. ``resolution``: the pixel size
     (m), or its (column, row) sizes; ``block``: see :data:`BLOCK`; ``progress``: a bar over the
     blocks (default: on a terminal, when there is more than one)."""
-    import sys
-
     from skimage.registration import optical_flow_ilk
-    from tqdm.auto import tqdm
 
     if left.shape != right.shape:
         raise InputError(f"orthos of different shapes {left.shape} and {right.shape}")
@@ -151,16 +176,7 @@ def shift_between(left: np.ndarray, right: np.ndarray, resolution: float | tuple
     valid = np.isfinite(left) & np.isfinite(right)
     shift_x = np.full(left.shape, np.nan, dtype=np.float32)
     shift_y = np.full(left.shape, np.nan, dtype=np.float32)
-    height, width = left.shape
-    corners = [(row, col) for row in range(0, height, block) for col in range(0, width, block)]
-    if progress is None:
-        progress = sys.stderr.isatty() and len(corners) > 1
-    for row, col in tqdm(corners, desc="parallax", unit="block", disable=not progress, leave=False):
-        # the block with its margin, and where the block lies inside it
-        r0, c0 = max(row - MARGIN, 0), max(col - MARGIN, 0)
-        r1, c1 = min(row + block + MARGIN, height), min(col + block + MARGIN, width)
-        window = (slice(r0, r1), slice(c0, c1))
-        inner = (slice(row - r0, min(row + block, height) - r0), slice(col - c0, min(col + block, width) - c0))
+    for window, inner, target in _blocks(left.shape, block, MARGIN, "parallax", progress):
         ok = valid[window]
         if ok.sum() < 16:
             continue
@@ -168,10 +184,47 @@ def shift_between(left: np.ndarray, right: np.ndarray, resolution: float | tuple
         flow_rows, flow_cols = optical_flow_ilk(_locally_normalised(left[window], ok),
                                                 _locally_normalised(right[window], ok),
                                                 radius=FLOW_RADIUS, gaussian=True)
-        target = (slice(row, row + block), slice(col, col + block))
         shift_x[target] = np.where(ok, flow_cols * size_x, np.nan)[inner]
         shift_y[target] = np.where(ok, flow_rows * size_y, np.nan)[inner]
     return shift_x, shift_y
+
+
+def local_correlation(left: np.ndarray, right: np.ndarray, radius: int = CORRELATION_RADIUS, block: int = BLOCK,
+                      progress: bool | None = None) -> np.ndarray:
+    """The zero-mean normalised cross-correlation of the two orthos in a (2·radius + 1)² window
+    around every pixel (float32 in [−1, 1]); NaN where either ortho has no data.
+
+    Near 1 where the orthos show the same ground, so where the DSM they were mapprojected through
+    is right; low where it is wrong by more than the flow behind :func:`shift_between` can
+    follow, and in occlusions that one view cannot see. Textureless patches (water, shadow) sit
+    near 0: a variance floor of 1e-3 of each ortho's variance keeps their noise from reading as
+    agreement. ``block``, ``progress``: as for :func:`shift_between`.
+    """
+    if left.shape != right.shape:
+        raise InputError(f"orthos of different shapes {left.shape} and {right.shape}")
+    valid = np.isfinite(left) & np.isfinite(right)
+    correlation = np.full(left.shape, np.nan, dtype=np.float32)
+    if not valid.any():
+        return correlation
+    size = 2 * radius + 1
+    # each ortho's variance over the scene, from a sample (a 10 km scene has 4e8 pixels)
+    step = max(1, int(math.sqrt(valid.size / 1e6)))
+    floors = [1e-3 * float(np.var(image[::step, ::step][valid[::step, ::step]])) + 1e-12 for image in (left, right)]
+    for window, inner, target in _blocks(left.shape, block, radius, "ortho correlation", progress):
+        ok = valid[window]
+        if not ok.any():
+            continue
+        # moments over the valid pixels of each window, so that no-data never enters a value
+        weight = ok.astype(np.float64)
+        a, b = (np.where(ok, image[window], 0.0).astype(np.float64) for image in (left, right))
+        count = np.maximum(ndimage.uniform_filter(weight, size, mode="constant"), 1e-9)
+        mean_a, mean_b = (ndimage.uniform_filter(x, size, mode="constant") / count for x in (a, b))
+        var_a = ndimage.uniform_filter(a * a, size, mode="constant") / count - mean_a * mean_a
+        var_b = ndimage.uniform_filter(b * b, size, mode="constant") / count - mean_b * mean_b
+        covariance = ndimage.uniform_filter(a * b, size, mode="constant") / count - mean_a * mean_b
+        ncc = covariance / np.sqrt(np.maximum(var_a, 0.0) + floors[0]) / np.sqrt(np.maximum(var_b, 0.0) + floors[1])
+        correlation[target] = np.where(ok, np.clip(ncc, -1.0, 1.0), np.nan)[inner]
+    return correlation
 
 
 def height_error_from_parallax(left: np.ndarray, right: np.ndarray, views: tuple[View, View],

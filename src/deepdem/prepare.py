@@ -260,6 +260,11 @@ def prepare_scene(
         provenance["parallax"] = _parallax_shift(bands, grid)
     for band in ("ortho_left", "ortho_right"):
         bands[band] = equalize_image(bands[band], clahe_kernel, clahe_clip)
+    if "ortho_left" in bands and "ortho_right" in bands:
+        from .parallax import local_correlation
+
+        # on the equalised orthos, which the scene stores: the band can be remade from the scene alone
+        bands["ortho_correlation"] = local_correlation(bands["ortho_left"], bands["ortho_right"])
     mask = nodata_mask(bands)
     if not mask.any():
         raise InputError("no pixel is valid in every input band (check the inputs' nodata and extents)", dsm)
@@ -453,7 +458,16 @@ def resample_scene(scene: Scene, pixel_size_m: float, out: str | os.PathLike,
                             anchor=(t.c, t.f))
     # a derived band (parallax from the orthos' shift) travels as what it is derived from
     stored = dict.fromkeys(source for name in (bands or INPUT_BANDS) if scene.has(name) for source in scene.sources(name))
-    arrays = {name: align_to_grid(scene.band_path(name), grid, name) for name in stored}
+    # the orthos' correlation is remade from the resampled orthos: a window of as many pixels as
+    # prepare's, which is what a model trained at this pixel size read
+    remade = "ortho_correlation" in stored and scene.has("ortho_left") and scene.has("ortho_right")
+    arrays = {name: align_to_grid(scene.band_path(name), grid, name) for name in stored
+              if not (remade and name == "ortho_correlation")}
+    if remade:
+        from .parallax import local_correlation
+
+        orthos = [arrays[b] if b in arrays else align_to_grid(scene.band_path(b), grid, b) for b in ("ortho_left", "ortho_right")]
+        arrays["ortho_correlation"] = local_correlation(*orthos)
     if "nodata_mask" in arrays:
         arrays["nodata_mask"] = ((np.nan_to_num(arrays["nodata_mask"]) > 0) & nodata_mask(arrays)).astype(np.uint8)
     return write_scene(out, grid, arrays, provenance={"resampled_from": str(scene.path.resolve()),

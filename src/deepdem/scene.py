@@ -15,6 +15,7 @@ A scene directory looks like::
       ndvi.tif              [-1, 1]
       parallax.tif          metres the DSM is too high, from the orthos' residual parallax
                             (when the views' geometry is known)
+      ortho_correlation.tif [-1, 1], the orthos' local correlation: low where the DSM is wrong
       nodata_mask.tif       uint8, 1 where every input band is valid, 0 elsewhere
       truth_dsm.tif         optional targets, metres
       truth_dtm.tif
@@ -88,6 +89,8 @@ BANDS: dict[str, BandSpec] = {
         BandSpec("triangulation_error", "error", "stereo triangulation error (m)", "bilinear", -1.0),
         BandSpec("ndvi", "index", "NDVI [-1, 1]", "bilinear", 0.0),
         BandSpec("parallax", "height error", "DSM error seen as parallax between the orthos (m)", "bilinear", 0.0),
+        BandSpec("ortho_correlation", "index", "local correlation of the two equalised orthos (5 x 5 px) [-1, 1]",
+                 "bilinear", 0.0),
         BandSpec("parallax_shift_x", "shift", "shift carrying the right ortho onto the left, along columns (m)",
                  "bilinear", 0.0),
         BandSpec("parallax_shift_y", "shift", "shift carrying the right ortho onto the left, along rows (m)",
@@ -97,7 +100,8 @@ BANDS: dict[str, BandSpec] = {
         BandSpec("truth_dtm", "height", "reference (LIDAR) DTM (m)", "bilinear", 0.0),
     )
 }
-INPUT_BANDS = ("dsm", "ortho_left", "ortho_right", "triangulation_error", "ndvi", "parallax", "nodata_mask")
+INPUT_BANDS = ("dsm", "ortho_left", "ortho_right", "triangulation_error", "ndvi", "parallax", "ortho_correlation",
+               "nodata_mask")
 TARGET_BANDS = ("truth_dsm", "truth_dtm")
 
 

@@ -220,7 +220,9 @@ def _check(task: DeepDEMRegressionTask, scene: Scene, source, overlap: float, ba
         raise CheckpointError(
             f"scene lacks band(s) {', '.join(missing)} that the checkpoint was trained on "
             f"(checkpoint bands: {', '.join(bands)}; scene bands: {', '.join(scene.bands)})"
-            + ("; prepare the scene with --views for the parallax band" if "parallax" in missing else ""),
+            + ("; prepare the scene with --views for the parallax band" if "parallax" in missing else "")
+            + ("; prepare it again with this version for the ortho_correlation band"
+               if "ortho_correlation" in missing else ""),
             scene.path,
         )
     if not 0.0 <= overlap < 1.0:
