@@ -6,8 +6,9 @@ statistical model of ASP's errors) and ``sgbm`` (views rendered and matched by O
 semi-global matcher) — is compared with the truth: holes, how well the triangulation-error map
 ranks the error (a network reads it as an input, so a map that knows where the DSM is wrong
 flatters a model's scores), how much of the error the parallax band (the DSM error measured
-between the two orthos by ``prepare``, :mod:`deepdem.parallax`) recovers on its own, and the error's median, NMAD and MAE on open ground by slope, under
-canopy and at building edges.
+between the two orthos by ``prepare``, :mod:`deepdem.parallax`) recovers on its own, how well
+the orthos' correlation band and the triangulation error find the blunders, and the error's
+median, NMAD and MAE on open ground by slope, under canopy and at building edges.
 
     python bench/synth_errors.py [--write]
 """
@@ -19,7 +20,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage
+from scipy import ndimage, stats
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _report import update_benchmarks  # noqa: E402
@@ -49,6 +50,23 @@ def strata(scene) -> dict[str, np.ndarray]:
     }
 
 
+#: An error this large (m) is a blunder: what a map of where the DSM is wrong must find.
+BLUNDER = 3.0
+
+
+def blunder_auc(error: np.ndarray, score: np.ndarray) -> float:
+    """How well ``score`` ranks the blunders (|error| > :data:`BLUNDER`) above the other pixels:
+    the area under the ROC curve (0.5: not at all; 1: every blunder above every other pixel), on
+    the pixels where both are known."""
+    ok = np.isfinite(error) & np.isfinite(score)
+    blunder = np.abs(error[ok]) > BLUNDER
+    positives, negatives = int(blunder.sum()), int((~blunder).sum())
+    if not positives or not negatives:
+        return float("nan")
+    ranks = stats.rankdata(score[ok])
+    return float((ranks[blunder].sum() - positives * (positives + 1) / 2) / (positives * negatives))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", default=str(default_work()))
@@ -57,9 +75,10 @@ def main() -> None:
     scenes = build_scenes(Path(args.work))
     names = ["open, slope < 10°", "open, slope ≥ 10°", "canopy", "building edges (±2 px)"]
     rows = ["| site | errors | holes | triangulation error ~ abs(error), Spearman | parallax band ~ error, r | "
-            "MAE of DSM − parallax band ÷ MAE of DSM | "
+            f"MAE of DSM − parallax band ÷ MAE of DSM | |error| > {BLUNDER:.0f} m: share of pixels / of the error | "
+            "found by the triangulation error, AUC | found by 1 − ortho correlation, AUC | "
             + " | ".join(f"{n}: median / NMAD / MAE (m)" for n in names) + " |",
-            "|---|---|---:|---:|---:|---:|" + "---:|" * len(names)]
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * len(names)]
     totals: dict[str, dict[str, list]] = {e: {n: [] for n in names} for e in ERRORS}
     for (site, errors), scene in scenes.items():
         truth, dsm = scene.read("truth_dsm"), scene.read("dsm")
@@ -72,6 +91,11 @@ def main() -> None:
         both = np.isfinite(error) & np.isfinite(parallax)
         correlation = np.corrcoef(error[both], parallax[both])[0, 1]
         recovered = np.mean(np.abs(error[both] - parallax[both])) / np.mean(np.abs(error[both]))
+        known = np.isfinite(error)
+        blunders = np.abs(error[known]) > BLUNDER
+        blunder_cell = f"{blunders.mean():.1%} / {np.abs(error[known])[blunders].sum() / np.abs(error[known]).sum():.0%}"
+        found_by = [blunder_auc(error, scene.read("triangulation_error")),
+                    blunder_auc(error, 1.0 - scene.read("ortho_correlation"))]
         cells = []
         for name, mask in strata(scene).items():
             where = mask & np.isfinite(error)
@@ -82,7 +106,7 @@ def main() -> None:
             totals[errors][name].append(error[where])
             cells.append(f"{m['median']:+.2f} / {m['nmad']:.2f} / {m['mae']:.2f}")
         rows.append(f"| {site} | {errors} | {holes:.0%} | {ranking:.2f} | {correlation:.2f} | {recovered:.2f} | "
-                    + " | ".join(cells) + " |")
+                    f"{blunder_cell} | {found_by[0]:.2f} | {found_by[1]:.2f} | " + " | ".join(cells) + " |")
     for errors in ERRORS:
         cells = []
         for name in names:
@@ -91,12 +115,14 @@ def main() -> None:
                 cells.append(f"{m['median']:+.2f} / {m['nmad']:.2f} / {m['mae']:.2f}")
             else:
                 cells.append("")
-        rows.append(f"| all sites | {errors} | | | | | " + " | ".join(cells) + " |")
+        rows.append(f"| all sites | {errors} | | | | | | | | " + " | ".join(cells) + " |")
     rows += ["", "Errors are initial DSM − LIDAR truth on the pixels where both have data; holes are the share of "
              "the truth's pixels the initial DSM leaves empty; the triangulation error's Spearman rank "
              "correlation with |error| is over every pixel where both are known and the map is above 0 (1: it "
              "ranks the errors exactly). The parallax band's Pearson correlation with the error, and the MAE left "
-             "when the band is subtracted from the DSM, are over the pixels where both are known. Canopy: more than 2.5 m above the LIDAR DTM with "
+             "when the band is subtracted from the DSM, are over the pixels where both are known. The "
+             f"blunders (|error| > {BLUNDER:.0f} m) are found by a map when it ranks them above the other pixels: AUC 0.5 "
+             "is chance, 1 every blunder above every other pixel. Canopy: more than 2.5 m above the LIDAR DTM with "
              "NDVI ≥ 0.3; building edges: within 2 px of the boundary of the other raised objects; open ground: "
              "more than 2 px from any raised object, by the slope of the LIDAR DTM.",
              "", generator_line({"generator": scenes_generator(Path(args.work))})]
