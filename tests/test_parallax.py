@@ -159,6 +159,14 @@ def test_the_correlation_is_nodata_where_an_ortho_is_and_the_same_in_blocks():
     np.testing.assert_allclose(local_correlation(left, right, block=32), whole, atol=1e-5, equal_nan=True)
 
 
+def test_the_correlation_of_a_scene_whose_valid_pixels_a_sample_would_miss_is_defined():
+    left = np.full((2100, 2100), np.nan, dtype=np.float32)  # sampled every 2nd pixel for the floor
+    right = left.copy()
+    left[1001, 1001], right[1001, 1001] = 0.4, 0.6
+    correlation = local_correlation(left, right)
+    assert abs(correlation[1001, 1001]) < 1e-3 and np.isnan(correlation).sum() == correlation.size - 1
+
+
 def test_prepare_stores_the_correlation_from_the_stored_orthos(prepared_scene):
     stored = prepared_scene.read("ortho_correlation")
     remade = local_correlation(prepared_scene.read("ortho_left"), prepared_scene.read("ortho_right"))

@@ -610,3 +610,23 @@ def test_a_config_with_an_unknown_scene_sampling_is_refused_before_training(prep
     with pytest.raises(InputError, match="scene_sampling must be one of area, equal, got 'site'"):
         train([prepared_scene], tmp_path / "run", config=TrainConfig.from_yaml(tmp_path / "config.yaml"), progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_default_band_missing_from_a_scene_is_left_out_with_a_warning_that_says_how_to_make_it(tmp_path, caplog):
+    import logging
+
+    from rasterio.crs import CRS
+    from rasterio.transform import from_origin
+
+    from deepdem.scene import Grid, write_scene
+    from deepdem.train import _input_bands
+
+    grid = Grid(CRS.from_epsg(32610), from_origin(500000, 5200000, 1.0, 1.0), 32, 32)
+    image = np.random.default_rng(0).uniform(0, 1, grid.shape).astype(np.float32)
+    scene = write_scene(tmp_path / "before", grid, {"dsm": np.zeros(grid.shape, np.float32), "ortho_left": image,
+                                                     "ortho_right": image}, n_chips=20)  # prepared before the band
+    with caplog.at_level(logging.WARNING, logger="deepdem"):
+        bands = _input_bands(TrainConfig(), [scene])
+    assert bands == ["dsm", "ortho_left", "ortho_right", "nodata_mask"]
+    assert "training without band(s) ndvi, ortho_correlation, parallax, triangulation_error" in caplog.text
+    assert "with this version, for ortho_correlation" in caplog.text and "for the parallax band" in caplog.text

@@ -209,6 +209,8 @@ def local_correlation(left: np.ndarray, right: np.ndarray, radius: int = CORRELA
     size = 2 * radius + 1
     # each ortho's variance over the scene, from a sample (a 10 km scene has 4e8 pixels)
     step = max(1, int(math.sqrt(valid.size / 1e6)))
+    if not valid[::step, ::step].any():  # valid pixels too few to be sampled
+        step = 1
     floors = [1e-3 * float(np.var(image[::step, ::step][valid[::step, ::step]])) + 1e-12 for image in (left, right)]
     for window, inner, target in _blocks(left.shape, block, radius, "ortho correlation", progress):
         ok = valid[window]

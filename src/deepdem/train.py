@@ -519,9 +519,11 @@ def _input_bands(config: TrainConfig, opened: Sequence[Scene]) -> list[str]:
         bands = [b for b in DEFAULT_BANDS if all(s.has(b) for s in opened)]
         dropped = sorted(set(DEFAULT_BANDS) - set(bands))
         if dropped:
+            hints = {"parallax": "prepare with both orthos, and a truth DSM or --views, for the parallax band",
+                     "ortho_correlation": "prepare with both orthos, with this version, for ortho_correlation"}
+            said = [hint for band, hint in hints.items() if band in dropped]
             log.warning("training without band(s) %s: not in every scene%s", ", ".join(dropped),
-                        " (prepare with both orthos, and a truth DSM or --views, for the parallax band)"
-                        if "parallax" in dropped else "")
+                        f" ({'; '.join(said)})" if said else "")
     bands = list(bands)
     if "dsm" not in bands:
         raise InputError("the bands must include 'dsm': the network refines it")
