@@ -103,6 +103,18 @@ BANDS: dict[str, BandSpec] = {
 INPUT_BANDS = ("dsm", "ortho_left", "ortho_right", "triangulation_error", "ndvi", "parallax", "ortho_correlation",
                "nodata_mask")
 TARGET_BANDS = ("truth_dsm", "truth_dtm")
+#: How a scene gets an input band that prepare makes only in some cases, for the messages of
+#: train (which leaves the band out) and refine (which refuses the scene).
+BAND_HINTS = {
+    "parallax": "prepare the scene with --views (or with both orthos and a truth DSM) for the parallax band",
+    "ortho_correlation": "prepare it again with this version, for ortho_correlation (both orthos needed)",
+}
+
+
+def missing_band_hints(missing: Iterable[str]) -> str:
+    """'; '-joined :data:`BAND_HINTS` of the bands in ``missing`` ('' when none has one)."""
+    missing = set(missing)
+    return "; ".join(hint for band, hint in BAND_HINTS.items() if band in missing)
 
 
 def band_statistics(data: np.ndarray, valid: np.ndarray) -> dict:

@@ -35,7 +35,7 @@ from .errors import InputError
 from .flags import fraction, non_negative_int, number, positive, positive_int, share
 from .models import (DEFAULT_BANDS, SCALE_SOURCES, TARGETS, DeepDEMRegressionTask, autocast_is_fast, load_checkpoint,
                      save_checkpoint)
-from .scene import PIXEL_SIZE_TOLERANCE, Scene
+from .scene import PIXEL_SIZE_TOLERANCE, Scene, missing_band_hints
 
 log = logging.getLogger(__name__)
 
@@ -519,11 +519,9 @@ def _input_bands(config: TrainConfig, opened: Sequence[Scene]) -> list[str]:
         bands = [b for b in DEFAULT_BANDS if all(s.has(b) for s in opened)]
         dropped = sorted(set(DEFAULT_BANDS) - set(bands))
         if dropped:
-            hints = {"parallax": "prepare with both orthos, and a truth DSM or --views, for the parallax band",
-                     "ortho_correlation": "prepare with both orthos, with this version, for ortho_correlation"}
-            said = [hint for band, hint in hints.items() if band in dropped]
+            hints = missing_band_hints(dropped)
             log.warning("training without band(s) %s: not in every scene%s", ", ".join(dropped),
-                        f" ({'; '.join(said)})" if said else "")
+                        f" ({hints})" if hints else "")
     bands = list(bands)
     if "dsm" not in bands:
         raise InputError("the bands must include 'dsm': the network refines it")

@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 from ..errors import CheckpointError, InputError
 from ..models import DeepDEMRegressionTask, autocast_is_fast, load_checkpoint, scale_for
-from ..scene import Scene
+from ..scene import Scene, missing_band_hints
 from .agreement import check_correction, check_tag
 from .blocks import BlockRefiner, device_for, loaded_blocks
 from .distributed import refine_distributed
@@ -217,12 +217,11 @@ def _check(task: DeepDEMRegressionTask, scene: Scene, source, overlap: float, ba
         raise CheckpointError(f"checkpoint bands {bands} lack 'dsm': deepdem models refine a DSM", source)
     missing = [b for b in bands if not scene.has(b)]
     if missing:
+        hints = missing_band_hints(missing)
         raise CheckpointError(
             f"scene lacks band(s) {', '.join(missing)} that the checkpoint was trained on "
             f"(checkpoint bands: {', '.join(bands)}; scene bands: {', '.join(scene.bands)})"
-            + ("; prepare the scene with --views for the parallax band" if "parallax" in missing else "")
-            + ("; prepare it again with this version for the ortho_correlation band"
-               if "ortho_correlation" in missing else ""),
+            + (f"; {hints}" if hints else ""),
             scene.path,
         )
     if not 0.0 <= overlap < 1.0:
