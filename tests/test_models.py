@@ -199,6 +199,30 @@ def test_adam_uses_the_fused_kernel_on_the_cpu():
     assert optimizer.defaults["fused"] is True
 
 
+def test_sigma_level_learns_faster_than_every_other_weight():
+    """Adam's first step moves each weight by about its learning rate: σ's output bias (its
+    level over the scene) by SIGMA_LEVEL_LR_FACTOR times the rate, every other weight by the rate."""
+    from deepdem.models import SIGMA_LEVEL_LR_FACTOR
+
+    torch.manual_seed(0)
+    task = _task(target="dsm", uncertainty="laplace", sigma_head="branch", lr=1e-3)
+    optimizer = task.configure_optimizers()["optimizer"]
+    grouped = [p for group in optimizer.param_groups for p in group["params"]]
+    assert len(grouped) == len(list(task.parameters()))  # each weight in exactly one group
+    assert len({id(p) for p in grouped}) == len(grouped)
+    with torch.no_grad():
+        task.sigma_branch.layers[-1].weight.normal_()  # a σ that depends on its inputs
+    before = {name: p.detach().clone() for name, p in task.named_parameters()}
+    task.train()
+    task(torch.randn(2, 2, 64, 64)).sum().backward()
+    optimizer.step()
+    moved = {name: (p.detach() - before[name]).abs().max().item() for name, p in task.named_parameters()
+             if p.grad is not None and p.grad.abs().sum() > 0}
+    level = moved.pop("sigma_branch.layers.%d.bias" % (len(task.sigma_branch.layers) - 1))
+    assert level == pytest.approx(SIGMA_LEVEL_LR_FACTOR * 1e-3, rel=0.01)
+    assert max(moved.values()) == pytest.approx(1e-3, rel=0.01)
+
+
 def test_autocast_only_where_the_hardware_makes_it_fast(monkeypatch, tmp_path):
     from deepdem.models import autocast_is_fast
     from deepdem.train import TrainConfig, _trainer

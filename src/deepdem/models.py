@@ -40,6 +40,12 @@ MIN_SCALE = 1e-3
 #: gets an update every step for a quarter of that cost. Chips are drawn independently, so the
 #: first ones of a batch are a random sample.
 SIGMA_TRAINING_SHARE = 0.25
+#: The σ branch's output bias, σ's level over the whole scene, learns this many times faster than
+#: the rest. Adam moves a weight by about one learning rate per step, so at 5e-4 a few hundred
+#: steps move the level by 0.2 where it must fall by 1.5 or more (b from ln 2, a few metres, to a
+#: fraction of a metre): the hidden layers then took the level on by switching their units off,
+#: and σ lost its spread across the pixels.
+SIGMA_LEVEL_LR_FACTOR = 20.0
 CHECKPOINT_FORMAT = "deepdem-checkpoint-1"
 TARGETS = {"dsm": ("dsm",), "dtm": ("dtm",), "both": ("dsm", "dtm")}
 
@@ -373,11 +379,15 @@ class DeepDEMRegressionTask(L.LightningModule):
     def configure_optimizers(self):
         lr = float(self.model_kwargs.get("lr", 5e-4))
         parameters = list(self.parameters())
+        level = [] if self.sigma_branch is None else [self.sigma_branch.layers[-1].bias]
+        groups = [{"params": [p for p in parameters if all(p is not q for q in level)]}]
+        if level:
+            groups.append({"params": level, "lr": lr * SIGMA_LEVEL_LR_FACTOR})
         # The fused kernel updates every weight in one pass instead of a dozen per tensor: on 2 CPU
         # cores an Adam step of the resnet18 UNet took 18 ms instead of 31 ms inside a 64-px-chip
         # training step of about 170 ms. Devices without the kernel keep the per-tensor loop.
         fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in parameters)
-        optimizer = torch.optim.Adam(parameters, lr=lr, fused=fused or None)
+        optimizer = torch.optim.Adam(groups, lr=lr, fused=fused or None)
         scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
             optimizer, factor=0.5, patience=int(self.model_kwargs.get("lr_patience", 50))
         )
