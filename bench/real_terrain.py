@@ -119,6 +119,9 @@ ABLATIONS = {
     # candidates: capacity (a deeper encoder, fewer steps in the budget), and an edge term in the loss
     "deepdem, resnet34 encoder": dict(encoder="resnet34"),
     "deepdem, gradient loss 1": dict(gradient_loss=1.0),
+    # a lighter network, more steps in the budget: the encoder's deepest stage and the decoder's widest block dropped
+    "deepdem, encoder depth 4": dict(encoder_depth=4),
+    "deepdem, encoder depth 3": dict(encoder_depth=3),
     "deepdem, chips by scene area": dict(scene_sampling="area"),
     # two inputs whose values depend on the sensor and the site, each left out: what does the
     # network take from the triangulation error (metres, unscaled) and from NDVI?

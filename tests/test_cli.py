@@ -97,6 +97,7 @@ def test_synth_from_a_lidar_truth_with_matched_errors(capsys, tmp_path):
     (["lidar", "x.laz", "--out", "t", "--resolution", "0"], "--resolution"),
     (["demo", "--minutes", "0"], "--minutes"),
     (["demo", "--epochs", "0"], "--epochs"),
+    (["train", "--scene", "s", "--encoder-depth", "6"], "--encoder-depth"),
 ])
 def test_out_of_range_flags_are_one_line_naming_the_flag(capsys, argv, flag):
     with pytest.raises(SystemExit) as exit_info:

@@ -17,6 +17,32 @@ def test_networks_by_name_map_chips_to_one_residual_per_target(arch):
     assert out.shape == (1, 2, 64, 64)
 
 
+@pytest.mark.parametrize("arch", ["Unet", "UnetPlusPlus"])
+def test_a_shallower_encoder_drops_the_deepest_stage_and_keeps_the_output(arch):
+    full = build_network(arch, "resnet18", in_channels=3, classes=2)
+    shallow = build_network(arch, "resnet18", in_channels=3, classes=2, encoder_depth=4).eval()
+    # resnet18's last stage alone holds 8.4 M of its 11.2 M weights
+    assert sum(p.numel() for p in full.parameters()) - sum(p.numel() for p in shallow.parameters()) > 5_000_000
+    with torch.no_grad():
+        assert shallow(torch.randn(1, 3, 64, 64)).shape == (1, 2, 64, 64)
+    if arch == "Unet":  # the finest decoder blocks keep their widths: the output layer reads 16 channels
+        assert output_layer(shallow).in_channels == output_layer(full).in_channels == 16
+
+
+def test_a_shallower_encoder_is_refused_where_the_decoder_would_change_the_chip_size():
+    with pytest.raises(CheckpointError, match="encoder depth 4 needs a decoder of one block per encoder stage"):
+        build_network("FPN", encoder_depth=4)
+
+
+def test_checkpoints_rebuild_the_encoder_depth_they_were_trained_with(tmp_path):
+    task = _task(encoder_depth=4, uncertainty="laplace", sigma_head="branch").eval()
+    loaded = load_checkpoint(save_checkpoint(task, tmp_path / "m.ckpt")).eval()
+    inputs = torch.randn(1, 2, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(loaded(inputs), task(inputs))
+    assert sum(p.numel() for p in loaded.parameters()) == sum(p.numel() for p in task.parameters())
+
+
 def test_resdepth_has_five_levels_of_64_to_512_filters_and_any_chip_size():
     net = ResDepthUNet(in_channels=1).eval()
     widths = [level[0].out_channels for level in net.encoder]

@@ -389,6 +389,9 @@ def test_fine_tuning_starts_from_the_checkpoint_and_keeps_its_scale_factor(prepa
     with pytest.raises(InputError, match="uncertainty laplace \\(this run: None\\)"):
         train([prepared_scene], tmp_path / "other", chip_size=64, max_epochs=1, progress=False,
               uncertainty=False, init=str(tmp_path / "elsewhere.ckpt"))
+    with pytest.raises(InputError, match="encoder_depth 5 \\(this run: 4\\)"):
+        train([prepared_scene], tmp_path / "other", chip_size=64, max_epochs=1, progress=False,
+              encoder_depth=4, init=str(tmp_path / "elsewhere.ckpt"))
 
 
 def test_relief_augmentation_stretches_and_tilts_dsm_and_truth_alike(prepared_scene):

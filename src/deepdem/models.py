@@ -12,6 +12,7 @@ used as the baseline.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -111,11 +112,14 @@ def autocast_is_fast(device: torch.device | str) -> bool:
     return any(probe() for probe in probes if probe is not None)
 
 
-def build_network(arch: str = "Unet", encoder: str = "resnet18", in_channels: int = 6, classes: int = 1) -> nn.Module:
+def build_network(arch: str = "Unet", encoder: str = "resnet18", in_channels: int = 6, classes: int = 1,
+                  encoder_depth: int = 5) -> nn.Module:
     """A network by name with ``classes`` output channels and no pretrained weights.
 
     ImageNet weights are not used: the inputs are heights and equalised panchromatic images,
-    not RGB, and runs must not download anything.
+    not RGB, and runs must not download anything. ``encoder_depth`` below 5 (Unet and
+    UnetPlusPlus only) drops the encoder's deepest stages and the decoder's widest blocks: the
+    finest blocks keep smp's widths, so the output layer reads 16 channels.
     """
     if arch.lower() == "resdepth":
         return ResDepthUNet(in_channels, classes)
@@ -124,9 +128,39 @@ def build_network(arch: str = "Unet", encoder: str = "resnet18", in_channels: in
     except AttributeError:
         raise CheckpointError(f"unknown architecture '{arch}' (ResDepth or a segmentation-models-pytorch class such as Unet, UnetPlusPlus, FPN, DeepLabV3Plus)") from None
     try:
-        return model_class(encoder_name=encoder, encoder_weights=None, in_channels=in_channels, classes=classes)
+        options = {}
+        if encoder_depth != 5:
+            # Only a decoder of one block per stage keeps the chip's size: smp's FPN, for one,
+            # upsamples a depth-4 encoder's output to twice the chip.
+            decoder_channels = inspect.signature(model_class).parameters.get("decoder_channels")
+            if decoder_channels is None or not isinstance(decoder_channels.default, (list, tuple)):
+                raise CheckpointError(f"encoder depth {encoder_depth} needs a decoder of one block per encoder "
+                                      f"stage (Unet, UnetPlusPlus), not {arch}")
+            options["encoder_depth"] = encoder_depth
+            options["decoder_channels"] = tuple(decoder_channels.default)[-encoder_depth:]
+        network = model_class(encoder_name=encoder, encoder_weights=None, in_channels=in_channels, classes=classes,
+                              **options)
     except (KeyError, ValueError) as exc:
         raise CheckpointError(f"cannot build {arch} with encoder '{encoder}': {str(exc).splitlines()[0][:200]}") from None
+    _drop_stages_never_run(network, encoder_depth)
+    return network
+
+
+def _drop_stages_never_run(network: nn.Module, encoder_depth: int) -> None:
+    """Replace the encoder stages deeper than ``encoder_depth`` by identities.
+
+    smp builds them whatever the depth and never runs them (resnet18's last stage is 8.4 M of its
+    11.2 M weights): they would fill every checkpoint, and DDP refuses weights that get no gradient.
+    """
+    try:
+        stages = network.encoder.get_stages()
+    except (AttributeError, NotImplementedError):  # an encoder that does not list its stages keeps them
+        return
+    encoder = network.encoder
+    never_run = {id(module) for stride, modules in stages.items() if stride > 2 ** encoder_depth for module in modules}
+    for name, child in list(encoder.named_children()):
+        if id(child) in never_run:
+            setattr(encoder, name, nn.Identity())
 
 
 def output_layer(network: nn.Module) -> nn.Conv2d:
@@ -237,6 +271,7 @@ class DeepDEMRegressionTask(L.LightningModule):
             self.model_kwargs.get("encoder", "resnet18"),
             len(self.model_kwargs["bands"]),
             classes=len(self.targets) * (2 if joint else 1),
+            encoder_depth=int(self.model_kwargs.get("encoder_depth", 5)),
         )
         if self.model_kwargs.get("identity_init"):
             # The untrained model returns the input DSM unchanged: training starts from "leave it
