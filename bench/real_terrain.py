@@ -119,7 +119,7 @@ ABLATIONS = {
     # candidates: capacity (a deeper encoder, fewer steps in the budget), and an edge term in the loss
     "deepdem, resnet34 encoder": dict(encoder="resnet34"),
     "deepdem, gradient loss 1": dict(gradient_loss=1.0),
-    # a lighter network, more steps in the budget: the encoder's deepest stage and the decoder's widest block dropped
+    # lighter networks, more steps in the budget: the encoder's deepest stages and the decoder's widest blocks dropped
     "deepdem, encoder depth 4": dict(encoder_depth=4),
     "deepdem, encoder depth 3": dict(encoder_depth=3),
     "deepdem, chips by scene area": dict(scene_sampling="area"),

@@ -55,7 +55,7 @@ class TrainConfig:
     target: str = field(default="dsm", metadata={"help": "dsm, dtm, or both (two heads)"})
     arch: str = field(default="Unet", metadata={"help": "ResDepth or a segmentation-models-pytorch class (Unet, UnetPlusPlus, FPN, DeepLabV3Plus, ...)"})
     encoder: str = field(default="resnet18", metadata={"help": "smp encoder name (ignored by ResDepth)"})
-    encoder_depth: int = field(default=5, metadata={"help": "smp encoder stages, 3 to 5 (ignored by ResDepth): 4 drops the deepest stage and the decoder's widest block, a training step about 1.6x faster at 128-px chips"})
+    encoder_depth: int = field(default=5, metadata={"help": "smp encoder stages, 3 to 5 (Unet and UnetPlusPlus; ignored by ResDepth): each one fewer drops the deepest stage and the decoder's widest block, so more steps fit in a time budget"})
     chip_size: int = field(default=256, metadata={"help": "chip side in pixels"})
     batch_size: int = field(default=16, metadata={"help": "chips per batch (per device)"})
     samples_per_epoch: int = field(default=512, metadata={"help": "random training chips per epoch"})
