@@ -60,11 +60,11 @@ def blunder_auc(error: np.ndarray, score: np.ndarray) -> float:
     the pixels where both are known."""
     ok = np.isfinite(error) & np.isfinite(score)
     blunder = np.abs(error[ok]) > BLUNDER
-    positives, negatives = int(blunder.sum()), int((~blunder).sum())
-    if not positives or not negatives:
+    if blunder.all() or not blunder.any():
         return float("nan")
-    ranks = stats.rankdata(score[ok])
-    return float((ranks[blunder].sum() - positives * (positives + 1) / 2) / (positives * negatives))
+    # the Mann-Whitney U of the blunders' scores against the others', per pair: the ROC's area
+    u = stats.mannwhitneyu(score[ok][blunder], score[ok][~blunder], method="asymptotic").statistic
+    return float(u / (blunder.sum() * (~blunder).sum()))
 
 
 def main() -> None:
@@ -86,7 +86,8 @@ def main() -> None:
         holes = np.isnan(dsm)[np.isfinite(truth)].mean()
         # The map read as a σ of the error: its rank correlation with |error| is what the
         # evaluation reports for a σ, on the pixels where the error and the map are both known.
-        ranking = calibration_metrics(error, scene.read("triangulation_error"))["spearman"]
+        triangulation_error = scene.read("triangulation_error")
+        ranking = calibration_metrics(error, triangulation_error)["spearman"]
         parallax = scene.read("parallax")
         both = np.isfinite(error) & np.isfinite(parallax)
         correlation = np.corrcoef(error[both], parallax[both])[0, 1]
@@ -94,7 +95,7 @@ def main() -> None:
         known = np.isfinite(error)
         blunders = np.abs(error[known]) > BLUNDER
         blunder_cell = f"{blunders.mean():.1%} / {np.abs(error[known])[blunders].sum() / np.abs(error[known]).sum():.0%}"
-        found_by = [blunder_auc(error, scene.read("triangulation_error")),
+        found_by = [blunder_auc(error, triangulation_error),
                     blunder_auc(error, 1.0 - scene.read("ortho_correlation"))]
         cells = []
         for name, mask in strata(scene).items():
