@@ -98,7 +98,7 @@ DSM_MODELS = {
     # so what differs is the branch's share of the CPU budget (fewer steps in it)
     NO_SIGMA: dict(uncertainty=False),
     BEFORE: dict(scale_source="scene", fill_holes=False, holdout_fraction=0.2, identity_init=False,
-                 relief_augmentation=False, weight_averaging=False, scene_sampling="area"),
+                 relief_augmentation=False, weight_averaging=False, scene_sampling="area", encoder_depth=5),
     # ResDepth's network as published (randomly initialised, no relief augmentation or weight averaging),
     # in deepdem's pipeline
     "ResDepth-UNet, DSM only": dict(arch="ResDepth", bands=["dsm"], identity_init=False, relief_augmentation=False,
@@ -119,9 +119,10 @@ ABLATIONS = {
     # candidates: capacity (a deeper encoder, fewer steps in the budget), and an edge term in the loss
     "deepdem, resnet34 encoder": dict(encoder="resnet34"),
     "deepdem, gradient loss 1": dict(gradient_loss=1.0),
-    # lighter networks, more steps in the budget: the encoder's deepest stages and the decoder's widest blocks dropped
+    # the default network is resnet18 at depth 3: the deeper ones have more capacity and take
+    # fewer steps in the budget (depth 5 is smp's, and was the default before)
     "deepdem, encoder depth 4": dict(encoder_depth=4),
-    "deepdem, encoder depth 3": dict(encoder_depth=3),
+    "deepdem, encoder depth 5": dict(encoder_depth=5),
     "deepdem, chips by scene area": dict(scene_sampling="area"),
     # two inputs whose values depend on the sensor and the site, each left out: what does the
     # network take from the triangulation error (metres, unscaled) and from NDVI?

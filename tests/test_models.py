@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from deepdem.errors import CheckpointError
-from deepdem.models import (DeepDEMRegressionTask, ResDepthUNet, build_network, export_safetensors,
+from deepdem.models import (DeepDEMRegressionTask, ResDepthUNet, build_network, default_encoder_depth, export_safetensors,
                             load_checkpoint, masked_gradient_l1, output_layer, save_checkpoint)
 
 
@@ -32,6 +32,16 @@ def test_a_shallower_encoder_drops_the_deepest_stage_and_keeps_the_output(arch):
 def test_a_shallower_encoder_is_refused_where_the_decoder_would_change_the_chip_size():
     with pytest.raises(CheckpointError, match="encoder depth 4 needs a decoder of one block per encoder stage"):
         build_network("FPN", encoder_depth=4)
+
+
+def test_the_default_encoder_depth_is_shallow_only_where_the_decoder_can_follow():
+    assert default_encoder_depth("Unet") == default_encoder_depth("UnetPlusPlus") == 3
+    assert default_encoder_depth("FPN") == default_encoder_depth("DeepLabV3Plus") == default_encoder_depth("ResDepth") == 5
+    # each one builds, and keeps the chip's size
+    for arch in ("UnetPlusPlus", "FPN"):
+        net = build_network(arch, in_channels=3, encoder_depth=default_encoder_depth(arch)).eval()
+        with torch.no_grad():
+            assert net(torch.randn(1, 3, 64, 64)).shape == (1, 1, 64, 64)
 
 
 def test_checkpoints_rebuild_the_encoder_depth_they_were_trained_with(tmp_path):

@@ -374,6 +374,8 @@ def test_fine_tuning_starts_from_the_checkpoint_and_keeps_its_scale_factor(prepa
                   samples_per_epoch=4, progress=False, lr=1e-12, init=str(tmp_path / "elsewhere.ckpt"))
     task = load_checkpoint(tuned.checkpoint)
     assert task.model_kwargs["GSF_DICT"]["64"] == 7.5
+    # no depth asked for: the checkpoint's (3, the default of a run without --init)
+    assert pretrained.model_kwargs["encoder_depth"] == task.model_kwargs["encoder_depth"] == 3
     assert task.model_kwargs["init"] == str((tmp_path / "elsewhere.ckpt").resolve())
     # a negligible learning rate: the weights are the pretrained ones
     assert torch.allclose(output_layer(task.model).weight, output_layer(pretrained.model).weight, atol=1e-8)
@@ -389,7 +391,7 @@ def test_fine_tuning_starts_from_the_checkpoint_and_keeps_its_scale_factor(prepa
     with pytest.raises(InputError, match="uncertainty laplace \\(this run: None\\)"):
         train([prepared_scene], tmp_path / "other", chip_size=64, max_epochs=1, progress=False,
               uncertainty=False, init=str(tmp_path / "elsewhere.ckpt"))
-    with pytest.raises(InputError, match="encoder_depth 5 \\(this run: 4\\)"):
+    with pytest.raises(InputError, match="encoder_depth 3 \\(this run: 4\\)"):
         train([prepared_scene], tmp_path / "other", chip_size=64, max_epochs=1, progress=False,
               encoder_depth=4, init=str(tmp_path / "elsewhere.ckpt"))
 

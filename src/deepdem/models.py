@@ -130,20 +130,45 @@ def build_network(arch: str = "Unet", encoder: str = "resnet18", in_channels: in
     try:
         options = {}
         if encoder_depth != 5:
-            # Only a decoder of one block per stage keeps the chip's size: smp's FPN, for one,
-            # upsamples a depth-4 encoder's output to twice the chip.
-            decoder_channels = inspect.signature(model_class).parameters.get("decoder_channels")
-            if decoder_channels is None or not isinstance(decoder_channels.default, (list, tuple)):
+            decoder_channels = _decoder_block_widths(model_class)
+            if decoder_channels is None:
                 raise CheckpointError(f"encoder depth {encoder_depth} needs a decoder of one block per encoder "
                                       f"stage (Unet, UnetPlusPlus), not {arch}")
             options["encoder_depth"] = encoder_depth
-            options["decoder_channels"] = tuple(decoder_channels.default)[-encoder_depth:]
+            options["decoder_channels"] = decoder_channels[-encoder_depth:]
         network = model_class(encoder_name=encoder, encoder_weights=None, in_channels=in_channels, classes=classes,
                               **options)
     except (KeyError, ValueError) as exc:
         raise CheckpointError(f"cannot build {arch} with encoder '{encoder}': {str(exc).splitlines()[0][:200]}") from None
     _drop_stages_never_run(network, encoder_depth)
     return network
+
+
+#: The encoder depth of a network whose decoder has one block per encoder stage (Unet,
+#: UnetPlusPlus) when none is asked for. At a CPU's budget a shallower network takes more steps
+#: and its held-out error is lower (docs/training.md, "Models").
+SHALLOW_ENCODER_DEPTH = 3
+
+
+def default_encoder_depth(arch: str) -> int:
+    """The encoder depth of ``arch`` when none is asked for: 3 where the decoder can follow it, else 5."""
+    model_class = getattr(smp, arch, None)
+    if arch.lower() == "resdepth" or model_class is None or _decoder_block_widths(model_class) is None:
+        return 5
+    return SHALLOW_ENCODER_DEPTH
+
+
+def _decoder_block_widths(model_class) -> tuple[int, ...] | None:
+    """smp's default widths of the decoder's blocks, one per encoder stage; None for a decoder
+    that is not built that way.
+
+    Only a decoder of one block per stage keeps the chip's size at another depth: smp's FPN, for
+    one, upsamples a depth-4 encoder's output to twice the chip.
+    """
+    parameter = inspect.signature(model_class).parameters.get("decoder_channels")
+    if parameter is None or not isinstance(parameter.default, (list, tuple)):
+        return None
+    return tuple(parameter.default)
 
 
 def _drop_stages_never_run(network: nn.Module, encoder_depth: int) -> None:

@@ -33,8 +33,8 @@ from torch.utils.data import DataLoader
 from .data import SCENE_SAMPLING, ChipDataset, SceneArrays, collate_chips, largest_fitting_chip, spatial_split
 from .errors import InputError
 from .flags import fraction, non_negative_int, number, positive, positive_int, share
-from .models import (DEFAULT_BANDS, SCALE_SOURCES, TARGETS, DeepDEMRegressionTask, autocast_is_fast, load_checkpoint,
-                     save_checkpoint)
+from .models import (DEFAULT_BANDS, SCALE_SOURCES, TARGETS, DeepDEMRegressionTask, autocast_is_fast,
+                     default_encoder_depth, load_checkpoint, save_checkpoint)
 from .scene import PIXEL_SIZE_TOLERANCE, Scene, missing_band_hints
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ class TrainConfig:
     target: str = field(default="dsm", metadata={"help": "dsm, dtm, or both (two heads)"})
     arch: str = field(default="Unet", metadata={"help": "ResDepth or a segmentation-models-pytorch class (Unet, UnetPlusPlus, FPN, DeepLabV3Plus, ...)"})
     encoder: str = field(default="resnet18", metadata={"help": "smp encoder name (ignored by ResDepth)"})
-    encoder_depth: int = field(default=5, metadata={"help": "smp encoder stages, 3 to 5 (Unet and UnetPlusPlus; ignored by ResDepth): each one fewer drops the deepest stage and the decoder's widest block, so more steps fit in a time budget"})
+    encoder_depth: int | None = field(default=None, metadata={"help": "smp encoder stages, 3 to 5 (below 5: Unet and UnetPlusPlus only; ignored by ResDepth): each one fewer drops the deepest stage and the decoder's widest block, so more steps fit in a time budget; default: the --init checkpoint's, else 3 for Unet and UnetPlusPlus and 5 for other decoders"})
     chip_size: int = field(default=256, metadata={"help": "chip side in pixels"})
     batch_size: int = field(default=16, metadata={"help": "chips per batch (per device)"})
     samples_per_epoch: int = field(default=512, metadata={"help": "random training chips per epoch"})
@@ -417,6 +417,9 @@ def _train(config: TrainConfig, extra_callbacks: list[Callback]) -> TrainResult:
     L.seed_everything(config.seed, workers=True, verbose=False)
     torch.set_float32_matmul_precision("high")
     initial = _fine_tuning_start(config, bands) if config.init else None
+    if config.encoder_depth is None:
+        config.encoder_depth = (int(initial.model_kwargs.get("encoder_depth", 5)) if initial is not None
+                                else default_encoder_depth(config.arch))
     gsf = _scale_factors(opened, chip_size, initial)
     # One factor for every scene (the training mean), as refine applies it to scenes never seen.
     shared_scale = gsf[str(chip_size)] if config.scale_source == "checkpoint" else None
@@ -713,6 +716,8 @@ def _fine_tuning_start(config: TrainConfig, bands: list[str]) -> DeepDEMRegressi
     kwargs = initial.model_kwargs
     wanted = {"bands": bands, "target": config.target, "arch": config.arch, "encoder": config.encoder,
               "encoder_depth": config.encoder_depth, "uncertainty": "laplace" if config.uncertainty else None}
+    if config.encoder_depth is None:  # not asked for: the checkpoint's
+        del wanted["encoder_depth"]
     have = {"bands": list(kwargs["bands"]), "target": kwargs.get("target", "dsm"), "arch": kwargs.get("arch", "Unet"),
             "encoder": kwargs.get("encoder", "resnet18"), "encoder_depth": int(kwargs.get("encoder_depth", 5)),
             "uncertainty": kwargs.get("uncertainty")}
