@@ -396,6 +396,17 @@ def test_fine_tuning_starts_from_the_checkpoint_and_keeps_its_scale_factor(prepa
               encoder_depth=4, init=str(tmp_path / "elsewhere.ckpt"))
 
 
+def test_a_resumed_run_keeps_its_network_and_refuses_another(prepared_scene, tmp_path):
+    common = dict(chip_size=64, batch_size=2, samples_per_epoch=2, progress=False)
+    train([prepared_scene], tmp_path / "run", max_epochs=1, encoder_depth=4, **common)
+    # no depth asked for: the run's, not the default 3 (a run begun before depth 3 was the default)
+    resumed = train([prepared_scene], tmp_path / "run", max_epochs=2, resume=True, **common)
+    assert resumed.epochs == 2 and load_checkpoint(resumed.checkpoint).model_kwargs["encoder_depth"] == 4
+    with pytest.raises(InputError, match="last.ckpt: cannot resume this run with another network: encoder_depth 4 "
+                                         "\\(this run: 5\\)"):
+        train([prepared_scene], tmp_path / "run", max_epochs=3, resume=True, encoder_depth=5, **common)
+
+
 def test_relief_augmentation_stretches_and_tilts_dsm_and_truth_alike(prepared_scene):
     bands = ["dsm", "ortho_left", "nodata_mask"]
     arrays = SceneArrays(prepared_scene, bands, "dsm", 64)

@@ -250,7 +250,7 @@ class EpochCheckpoints(Callback):
     every ``every_seconds`` and when training ends.
 
     Lightning's ``ModelCheckpoint`` writes the whole trainer state (weights, their average and
-    Adam's moments: 220 MB for a resnet18 UNet) in every epoch that improves the monitored
+    Adam's moments: 220 MB for a resnet18 UNet of depth 5) in every epoch that improves the monitored
     metric, which with weight averaging is nearly every epoch: 1.0 s of each 6.5-s epoch of a
     64-px-chip run on 2 CPU cores. Here an improving epoch costs a copy in memory; a ``kill -9``
     loses at most ``every_seconds`` of training, and the resume point carries the best weights.
@@ -417,8 +417,21 @@ def _train(config: TrainConfig, extra_callbacks: list[Callback]) -> TrainResult:
     L.seed_everything(config.seed, workers=True, verbose=False)
     torch.set_float32_matmul_precision("high")
     initial = _fine_tuning_start(config, bands) if config.init else None
+    out = Path(config.out)
+    resume_from = out / RESUME_POINT
+    if config.resume and not resume_from.exists():
+        raise InputError(f"nothing to resume: no {RESUME_POINT.as_posix()} in the run directory", out)
+    resumed = torch.load(resume_from, map_location="cpu", weights_only=True) if config.resume else None
+    resumed_kwargs = (resumed or {}).get("hyper_parameters", {}).get("model_kwargs")
+    if resumed_kwargs is not None:
+        different = _network_differences(config, bands, resumed_kwargs)
+        if different:
+            raise InputError(f"cannot resume this run with another network: {'; '.join(different)}", resume_from)
     if config.encoder_depth is None:
-        config.encoder_depth = (int(initial.model_kwargs.get("encoder_depth", 5)) if initial is not None
+        # not asked for: the network's the run continues (a checkpoint's, or a run's from before
+        # depth 3 became the default), else the architecture's default
+        start = initial.model_kwargs if initial is not None else resumed_kwargs
+        config.encoder_depth = (int(start.get("encoder_depth", 5)) if start is not None
                                 else default_encoder_depth(config.arch))
     gsf = _scale_factors(opened, chip_size, initial)
     # One factor for every scene (the training mean), as refine applies it to scenes never seen.
@@ -450,14 +463,11 @@ def _train(config: TrainConfig, extra_callbacks: list[Callback]) -> TrainResult:
     if config.channels_last:
         task = task.to(memory_format=torch.channels_last)
 
-    out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    resume_from = out / RESUME_POINT
-    if config.resume and not resume_from.exists():
-        raise InputError(f"nothing to resume: no {RESUME_POINT.as_posix()} in the run directory", out)
     resumed_epoch = None
-    if config.resume:
-        resumed_epoch = int(torch.load(resume_from, map_location="cpu", weights_only=True).get("epoch", -1))
+    if resumed is not None:
+        resumed_epoch = int(resumed.get("epoch", -1))
+        del resumed  # Lightning loads it again, with the optimiser's state
         print(f"resuming {out} after epoch {resumed_epoch}", flush=True)
     if not config.resume and resume_from.exists():
         log.warning("%s holds an earlier run; starting afresh (use --resume to continue it)", out)
@@ -713,19 +723,24 @@ def calibrate_sigma(task: DeepDEMRegressionTask, loader: DataLoader, device: tor
 def _fine_tuning_start(config: TrainConfig, bands: list[str]) -> DeepDEMRegressionTask:
     """The checkpoint to fine-tune from, refused unless its network is the one being trained."""
     initial = load_checkpoint(config.init)
-    kwargs = initial.model_kwargs
+    different = _network_differences(config, bands, initial.model_kwargs)
+    if different:
+        raise InputError(f"cannot fine-tune from this checkpoint: {'; '.join(different)}", config.init)
+    return initial
+
+
+def _network_differences(config: TrainConfig, bands: list[str], kwargs: dict[str, Any]) -> list[str]:
+    """How the network ``config`` trains differs from the one a checkpoint's ``model_kwargs``
+    describe, as "key theirs (this run: ours)"; an encoder depth not asked for differs from none."""
     wanted = {"bands": bands, "target": config.target, "arch": config.arch, "encoder": config.encoder,
               "encoder_depth": config.encoder_depth, "uncertainty": "laplace" if config.uncertainty else None}
-    if config.encoder_depth is None:  # not asked for: the checkpoint's
+    if config.encoder_depth is None:
         del wanted["encoder_depth"]
     have = {"bands": list(kwargs["bands"]), "target": kwargs.get("target", "dsm"), "arch": kwargs.get("arch", "Unet"),
             "encoder": kwargs.get("encoder", "resnet18"), "encoder_depth": int(kwargs.get("encoder_depth", 5)),
             "uncertainty": kwargs.get("uncertainty")}
-    different = [f"{key} {have[key]} (this run: {wanted[key]})" for key in wanted
-                 if have[key] != wanted[key] and not (key.startswith("encoder") and config.arch.lower() == "resdepth")]
-    if different:
-        raise InputError(f"cannot fine-tune from this checkpoint: {'; '.join(different)}", config.init)
-    return initial
+    return [f"{key} {have[key]} (this run: {wanted[key]})" for key in wanted
+            if have[key] != wanted[key] and not (key.startswith("encoder") and config.arch.lower() == "resdepth")]
 
 
 __all__ = ["train", "TrainConfig", "TrainResult", "TrailingWeightAverage", "EpochCheckpoints", "load_checkpoint"]
