@@ -124,6 +124,8 @@ ABLATIONS = {
     "deepdem, encoder depth 4": dict(encoder_depth=4),
     "deepdem, encoder depth 5": dict(encoder_depth=5),
     "deepdem, chips by scene area": dict(scene_sampling="area"),
+    # a candidate default: half the batch, nearly twice the steps in the budget
+    "deepdem, batch 8": dict(batch_size=8),
     # two inputs whose values depend on the sensor and the site, each left out: what does the
     # network take from the triangulation error (metres, unscaled) and from NDVI?
     "deepdem, no triangulation error": dict(bands=[b for b in DEFAULT_BANDS if b != "triangulation_error"]),
