@@ -402,6 +402,10 @@ def test_a_resumed_run_keeps_its_network_and_refuses_another(prepared_scene, tmp
     # no depth asked for: the run's, not the default 3 (a run begun before depth 3 was the default)
     resumed = train([prepared_scene], tmp_path / "run", max_epochs=2, resume=True, **common)
     assert resumed.epochs == 2 and load_checkpoint(resumed.checkpoint).model_kwargs["encoder_depth"] == 4
+    (tmp_path / "broken" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "broken" / "checkpoints" / "last.ckpt").write_bytes(b"not a checkpoint")
+    with pytest.raises(InputError, match="last.ckpt: cannot read the resume point"):
+        train([prepared_scene], tmp_path / "broken", max_epochs=2, resume=True, **common)
     with pytest.raises(InputError, match="last.ckpt: cannot resume this run with another network: encoder_depth 4 "
                                          "\\(this run: 5\\)"):
         train([prepared_scene], tmp_path / "run", max_epochs=3, resume=True, encoder_depth=5, **common)

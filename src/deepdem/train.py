@@ -14,6 +14,7 @@ import dataclasses
 import json
 import logging
 import os
+import pickle
 import random
 import sys
 import time
@@ -421,7 +422,12 @@ def _train(config: TrainConfig, extra_callbacks: list[Callback]) -> TrainResult:
     resume_from = out / RESUME_POINT
     if config.resume and not resume_from.exists():
         raise InputError(f"nothing to resume: no {RESUME_POINT.as_posix()} in the run directory", out)
-    resumed = torch.load(resume_from, map_location="cpu", weights_only=True) if config.resume else None
+    resumed = None
+    if config.resume:
+        try:
+            resumed = torch.load(resume_from, map_location="cpu", weights_only=True)
+        except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as exc:
+            raise InputError(f"cannot read the resume point ({str(exc).splitlines()[0][:200]})", resume_from) from None
     resumed_kwargs = (resumed or {}).get("hyper_parameters", {}).get("model_kwargs")
     if resumed_kwargs is not None:
         different = _network_differences(config, bands, resumed_kwargs)
