@@ -110,7 +110,7 @@ def main() -> None:
                 rows.append(f"| {kind} | {name} | {m['mae']:.3f} | {m['rmse']:.3f} | {m['nmad']:.3f} | {result.epochs} |")
             if initial:
                 rows.append(f"| {kind} | initial DSM | {initial['mae']:.3f} | {initial['rmse']:.3f} | {initial['nmad']:.3f} | |")
-    rows += ["", f"Each model: seed 0, chips of {args.chip_size} px, batch 16, Adam 1e-3, "
+    rows += ["", f"Each model: seed 0, chips of {args.chip_size} px, batch {TrainConfig().batch_size}, Adam 1e-3, "
              f"{args.cpu_seconds:.0f} s of process CPU time; held-out scene ({args.size}×{args.size} px, another seed "
              "and, for real terrain, another part of the DEM) refined and compared with its truth on the same pixels."]
     print("\n".join(rows))

@@ -5,12 +5,13 @@ The small-scene protocol of issue 13 trains for a fixed wall-clock time (``--max
 optimiser, augmentation) is an epoch the model does not learn from. In each round, one after the
 other on the same generated scene:
 
-  * ours - ``deepdem train --chip-size 64`` at its defaults, as the command runs it, for
+  * ours - ``deepdem train --chip-size 64 --batch-size B``, B the default batch (given so that an
+           older revision does the same work), otherwise at its defaults, for
            ``--seconds`` of training (its ``--max-minutes``);
   * then - with ``--against REV``, the package at another git revision (``git archive``), the
            same command;
-  * plain - the plain smp Unet-resnet18 loop of ``bench/real_terrain.py`` (the same chips, batch
-           16, bf16 autocast, channels-last, Adam 5e-4; no validation, checkpoint, σ head or
+  * plain - the plain smp Unet-resnet18 loop of ``bench/real_terrain.py`` (the same chips and
+           batch, bf16 autocast, channels-last, Adam 5e-4; no validation, checkpoint, σ head or
            weight average) for the same seconds.
 
 The work counted is training chips (an epoch is 512 of them): deepdem's from the optimiser steps
@@ -41,8 +42,11 @@ from deepdem.flags import number, positive_int  # noqa: E402
 from deepdem.prepare import prepare_from_asp_dir  # noqa: E402
 from deepdem.scene import Scene  # noqa: E402
 from deepdem.synth import synth_scene  # noqa: E402
+from deepdem.train import TrainConfig  # noqa: E402
 
-CHIP, BATCH, EPOCH_CHIPS = 64, 16, 512
+CHIP, EPOCH_CHIPS = 64, 512
+# given to both sides explicitly, so that a revision with another default batch (--against) does the same work
+BATCH = TrainConfig().batch_size
 
 
 def deepdem_epochs_per_minute(scene: Scene, run_dir: Path, seconds: float, source: Path | None = None) -> float:
@@ -51,7 +55,7 @@ def deepdem_epochs_per_minute(scene: Scene, run_dir: Path, seconds: float, sourc
     if source is not None:
         env["PYTHONPATH"] = os.pathsep.join([str(source), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     done = subprocess.run([sys.executable, "-m", "deepdem", "train", "--scene", str(scene.path), "--out", str(run_dir),
-                           "--chip-size", str(CHIP), "--max-minutes", str(seconds / 60), "--seed", "0", "--no-progress"],
+                           "--chip-size", str(CHIP), "--batch-size", str(BATCH), "--max-minutes", str(seconds / 60), "--seed", "0", "--no-progress"],
                           env=env, stdout=subprocess.DEVNULL)
     if done.returncode:  # deepdem's own one-line error has gone to stderr
         print(f"train_speed.py: error: 'deepdem train' failed (exit {done.returncode}) with the package in "
@@ -63,7 +67,7 @@ def deepdem_epochs_per_minute(scene: Scene, run_dir: Path, seconds: float, sourc
 
 
 def plain_epochs_per_minute(scene: Scene, seconds: float) -> float:
-    _, _, steps = plain_unet_train([scene], seconds, seed=0, chip=CHIP, clock=time.monotonic)
+    _, _, steps = plain_unet_train([scene], seconds, seed=0, chip=CHIP, clock=time.monotonic, batch=BATCH)
     return steps * BATCH / EPOCH_CHIPS / (seconds / 60)
 
 

@@ -58,7 +58,7 @@ class TrainConfig:
     encoder: str = field(default="resnet18", metadata={"help": "smp encoder name (ignored by ResDepth)"})
     encoder_depth: int | None = field(default=None, metadata={"help": "smp encoder stages, 3 to 5 (below 5: Unet and UnetPlusPlus only; ignored by ResDepth): each one fewer drops the deepest stage and the decoder's widest block, so more steps fit in a time budget; default: the --init checkpoint's, else 3 for Unet and UnetPlusPlus and 5 for other decoders"})
     chip_size: int = field(default=256, metadata={"help": "chip side in pixels"})
-    batch_size: int = field(default=16, metadata={"help": "chips per batch (per device)"})
+    batch_size: int = field(default=8, metadata={"help": "chips per batch (per device); 8 makes twice the steps of 16 in the same time, which gave a lower error at equal CPU time on real terrain"})
     samples_per_epoch: int = field(default=512, metadata={"help": "random training chips per epoch"})
     max_epochs: int = field(default=300, metadata={"help": "epoch limit"})
     max_minutes: float | None = field(default=None, metadata={"help": "wall-clock limit in minutes"})
