@@ -39,6 +39,7 @@ from real_terrain import plain_unet_train  # noqa: E402
 from refine import export_source  # noqa: E402
 
 from deepdem.flags import number, positive_int  # noqa: E402
+from deepdem.models import default_encoder_depth  # noqa: E402
 from deepdem.prepare import prepare_from_asp_dir  # noqa: E402
 from deepdem.scene import Scene  # noqa: E402
 from deepdem.synth import synth_scene  # noqa: E402
@@ -105,11 +106,13 @@ def main() -> None:
 
     rows = ["| run | epochs per minute of training, median (min–max) | its speed ÷ ours, median (min–max) |",
             "|---|---:|---:|",
-            f"| ours: `deepdem train --chip-size 64` at its defaults | {spread(speeds['ours'])} | 1.00 |"]
+            f"| ours: `deepdem train --chip-size 64 --batch-size {BATCH}`, otherwise its defaults (resnet18 at depth "
+            f"{default_encoder_depth('Unet')}) | {spread(speeds['ours'])} | 1.00 |"]
     if then is not None:
         rows.append(f"| ours at `{args.against}` (`git archive`), the same command | {spread(speeds['then'])} "
                     f"| {spread(ratios('then'))} |")
-    rows.append(f"| the plain loop of `bench/real_terrain.py` (no validation, checkpoints, σ head or weight average) "
+    rows.append(f"| the plain loop of `bench/real_terrain.py` (smp's Unet-resnet18 at its depth, 5; no validation, "
+                "checkpoints, σ head or weight average) "
                 f"| {spread(speeds['plain'])} | {spread(ratios('plain'))} |")
     rows += ["", f"A generated 200 × 200 px scene (100 m at 0.5 m), chips of {CHIP} px, batch {BATCH}, bf16 autocast; "
              f"an epoch is {EPOCH_CHIPS} training chips. {args.rounds} rounds of {args.seconds:g} s of training per run, "
