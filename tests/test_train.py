@@ -1,4 +1,5 @@
 import json
+import logging
 import os
 import random
 
@@ -396,12 +397,18 @@ def test_fine_tuning_starts_from_the_checkpoint_and_keeps_its_scale_factor(prepa
               encoder_depth=4, init=str(tmp_path / "elsewhere.ckpt"))
 
 
-def test_a_resumed_run_keeps_its_network_and_refuses_another(prepared_scene, tmp_path):
+def test_a_resumed_run_keeps_its_network_and_refuses_another(prepared_scene, tmp_path, caplog):
     common = dict(chip_size=64, batch_size=2, samples_per_epoch=2, progress=False)
     train([prepared_scene], tmp_path / "run", max_epochs=1, encoder_depth=4, **common)
     # no depth asked for: the run's, not the default 3 (a run begun before depth 3 was the default)
-    resumed = train([prepared_scene], tmp_path / "run", max_epochs=2, resume=True, **common)
+    with caplog.at_level(logging.WARNING, logger="deepdem"):
+        resumed = train([prepared_scene], tmp_path / "run", max_epochs=2, resume=True, **common)
     assert resumed.epochs == 2 and load_checkpoint(resumed.checkpoint).model_kwargs["encoder_depth"] == 4
+    assert "settings other than the run's" not in caplog.text  # a longer run is no change of recipe
+    # another batch or learning rate is allowed, and said: the rest of the run differs from an unbroken one
+    with caplog.at_level(logging.WARNING, logger="deepdem"):
+        train([prepared_scene], tmp_path / "run", max_epochs=3, resume=True, **{**common, "batch_size": 1, "lr": 1e-3})
+    assert "resuming with settings other than the run's: batch_size 2 → 1; lr 0.0005 → 0.001" in caplog.text
     (tmp_path / "broken" / "checkpoints").mkdir(parents=True)
     (tmp_path / "broken" / "checkpoints" / "last.ckpt").write_bytes(b"not a checkpoint")
     with pytest.raises(InputError, match="last.ckpt: cannot read the resume point"):
@@ -635,8 +642,6 @@ def test_a_config_with_an_unknown_scene_sampling_is_refused_before_training(prep
 
 
 def test_a_default_band_missing_from_a_scene_is_left_out_with_a_warning_that_says_how_to_make_it(tmp_path, caplog):
-    import logging
-
     from rasterio.crs import CRS
     from rasterio.transform import from_origin
 

@@ -478,6 +478,13 @@ def _train(config: TrainConfig, extra_callbacks: list[Callback]) -> TrainResult:
     if not config.resume and resume_from.exists():
         log.warning("%s holds an earlier run; starting afresh (use --resume to continue it)", out)
     stored = dataclasses.replace(config, scenes=[str(s.path) for s in opened], val_scenes=[str(s.path) for s in val_opened])
+    if config.resume:
+        changed = _setting_changes(out / "config.yaml", stored)
+        if changed:
+            # allowed (a lower learning rate, say), but the rest of the run then differs from an
+            # unbroken one; a default that changed since the run began shows up here too
+            log.warning("%s: resuming with settings other than the run's: %s (give the run's to continue it "
+                        "as it began: --config %s)", out, "; ".join(changed), out / "config.yaml")
     (out / "config.yaml").write_text(stored.to_yaml())
 
     trainer, checkpointing = _trainer(config, out, progress, extra_callbacks)
@@ -733,6 +740,24 @@ def _fine_tuning_start(config: TrainConfig, bands: list[str]) -> DeepDEMRegressi
     if different:
         raise InputError(f"cannot fine-tune from this checkpoint: {'; '.join(different)}", config.init)
     return initial
+
+
+#: settings a resumed run may change without a word: where and how long it runs, not what it learns
+_SETTINGS_FREE_ON_RESUME = frozenset({"out", "resume", "progress", "max_epochs", "max_minutes", "accelerator",
+                                      "devices", "num_nodes", "strategy", "num_workers", "precision"})
+
+
+def _setting_changes(run_config: Path, config: TrainConfig) -> list[str]:
+    """The training settings of ``config`` that differ from a run's ``config.yaml``, as "key theirs →
+    ours" (none where the file is missing or unreadable: the resume point decides, not this file)."""
+    try:
+        earlier = yaml.safe_load(run_config.read_text())
+    except (OSError, yaml.YAMLError):
+        return []
+    if not isinstance(earlier, dict):
+        return []
+    return [f"{f.name} {earlier[f.name]} → {getattr(config, f.name)}" for f in dataclasses.fields(config)
+            if f.name in earlier and f.name not in _SETTINGS_FREE_ON_RESUME and earlier[f.name] != getattr(config, f.name)]
 
 
 def _network_differences(config: TrainConfig, bands: list[str], kwargs: dict[str, Any]) -> list[str]:
