@@ -30,7 +30,7 @@ from deepdem.evaluate import evaluate
 from deepdem.prepare import prepare_from_asp_dir
 from deepdem.refine import refine
 from deepdem.synth import SynthConfig, synth_scene
-from deepdem.train import TrainConfig, train
+from deepdem.train import TrainConfig, default_batch_size, train
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _report import update_benchmarks  # noqa: E402
@@ -110,7 +110,7 @@ def main() -> None:
                 rows.append(f"| {kind} | {name} | {m['mae']:.3f} | {m['rmse']:.3f} | {m['nmad']:.3f} | {result.epochs} |")
             if initial:
                 rows.append(f"| {kind} | initial DSM | {initial['mae']:.3f} | {initial['rmse']:.3f} | {initial['nmad']:.3f} | |")
-    rows += ["", f"Each model: seed 0, chips of {args.chip_size} px, batch {TrainConfig().batch_size}, Adam 1e-3, "
+    rows += ["", f"Each model: seed 0, chips of {args.chip_size} px, batch {default_batch_size('dsm')}, Adam 1e-3, "
              f"{args.cpu_seconds:.0f} s of process CPU time; held-out scene ({args.size}×{args.size} px, another seed "
              "and, for real terrain, another part of the DEM) refined and compared with its truth on the same pixels."]
     print("\n".join(rows))

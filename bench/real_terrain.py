@@ -25,7 +25,7 @@ the other sites and on a held-out tile of a training site:
   does by default (at the training pixel size, the result averaged back) beside ``--scene-pixel-size``.
 
 Every model gets the same budget of process CPU seconds, the same chips of 128 px, the same
-batch (deepdem's default, 8; "previous defaults" keeps its 16) and the same precision (bf16 autocast on a CPU with native bf16, float32 on others); each
+batch (deepdem's default for the DSM, 8; "previous defaults" keeps its 16; the DTM model trains at its default, 16) and the same precision (bf16 autocast on a CPU with native bf16, float32 on others); each
 runs with several seeds and the tables give the median and the range. CPU seconds resist a busy machine better than wall time, but not wholly: torch's
 threads spin while they wait for a core, and that counts. With a test suite running beside it,
 the defaults trained 4 epochs in their budget instead of 8, so run it on a quiet machine.
@@ -65,7 +65,7 @@ from deepdem.prepare import prepare_from_asp_dir, prepare_from_asp_prefix
 from deepdem.refine import refine, sigma_path
 from deepdem.scene import Scene
 from deepdem.synth import ASP_FILES, synth_from_lidar
-from deepdem.train import TrainConfig, train
+from deepdem.train import TrainConfig, default_batch_size, train
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _report import update_benchmarks  # noqa: E402
@@ -86,8 +86,9 @@ SITES = {
 }
 ERRORS = ("model", "sgbm")
 CHIP = 128
-# every model trains on batches of this many chips: deepdem's default, which the plain UNet and ResDepth share
-BATCH = TrainConfig().batch_size
+# every DSM model trains on batches of this many chips: deepdem's default for the DSM, which the plain UNet and
+# ResDepth share (deepdem --target dtm trains at its own default)
+BATCH = default_batch_size("dsm")
 #: bf16 autocast where deepdem's defaults use it (a CPU with native bf16), float32 elsewhere
 AUTOCAST = autocast_is_fast("cpu")
 DEEPDEM = "deepdem (defaults)"
@@ -723,7 +724,7 @@ def tables(results: dict, seeds: list[int], seconds: float) -> list[str]:
             rows.append(f"| … {len(worse) - 15} more (`results.json` in the working folder) | | | | |")
     rows += ["", f"Training: sites {', '.join(s for s, v in SITES.items() if v[1] == 'train')}, both error kinds "
              f"(6 scenes); seeds {', '.join(map(str, seeds))}; {seconds:.0f} s of process CPU time per model; chips of "
-             f"{CHIP} px, batch {BATCH}, {'bf16 autocast' if AUTOCAST else 'float32 (this CPU has no native bf16)'}. Median epochs of 512 chips: {median_epochs(results)}. Scores on the pixels valid "
+             f"{CHIP} px, batch {BATCH} (DTM {default_batch_size('dtm')}), {'bf16 autocast' if AUTOCAST else 'float32 (this CPU has no native bf16)'}. Median epochs of 512 chips: {median_epochs(results)}. Scores on the pixels valid "
              "in the truth and in the inputs (refine's output mask)."]
     return rows
 

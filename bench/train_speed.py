@@ -43,11 +43,11 @@ from deepdem.models import default_encoder_depth  # noqa: E402
 from deepdem.prepare import prepare_from_asp_dir  # noqa: E402
 from deepdem.scene import Scene  # noqa: E402
 from deepdem.synth import synth_scene  # noqa: E402
-from deepdem.train import TrainConfig  # noqa: E402
+from deepdem.train import default_batch_size  # noqa: E402
 
 CHIP, EPOCH_CHIPS = 64, 512
 # given to both sides explicitly, so that a revision with another default batch (--against) does the same work
-BATCH = TrainConfig().batch_size
+BATCH = default_batch_size("dsm")
 
 
 def deepdem_epochs_per_minute(scene: Scene, run_dir: Path, seconds: float, source: Path | None = None) -> float:

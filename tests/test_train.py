@@ -397,6 +397,18 @@ def test_fine_tuning_starts_from_the_checkpoint_and_keeps_its_scale_factor(prepa
               encoder_depth=4, init=str(tmp_path / "elsewhere.ckpt"))
 
 
+def test_the_default_batch_is_8_chips_for_the_dsm_and_16_for_a_dtm(prepared_scene, tmp_path):
+    common = dict(chip_size=64, samples_per_epoch=32, max_epochs=1, progress=False)
+    for target, batch, steps in (("dsm", 8, 4), ("dtm", 16, 2)):
+        result = train([prepared_scene], tmp_path / target, target=target, **common)
+        assert load_checkpoint(result.checkpoint).model_kwargs["batch_size"] == batch
+        assert f"batch_size: {batch}" in (tmp_path / target / "config.yaml").read_text()
+        resume_point = torch.load(tmp_path / target / "checkpoints" / "last.ckpt", weights_only=False)
+        assert resume_point["global_step"] == steps  # an epoch is 32 chips
+    asked = train([prepared_scene], tmp_path / "asked", target="dtm", batch_size=4, **common)
+    assert load_checkpoint(asked.checkpoint).model_kwargs["batch_size"] == 4
+
+
 def test_a_resumed_run_keeps_its_network_and_refuses_another(prepared_scene, tmp_path, caplog):
     common = dict(chip_size=64, batch_size=2, samples_per_epoch=2, progress=False)
     train([prepared_scene], tmp_path / "run", max_epochs=1, encoder_depth=4, **common)
