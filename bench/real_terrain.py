@@ -110,6 +110,12 @@ DSM_MODELS = {
     "ResDepth-UNet, stereo": dict(arch="ResDepth", bands=["dsm", "ortho_left", "ortho_right"], identity_init=False,
                                   relief_augmentation=False, weight_averaging=False),
 }
+DTM = "deepdem --target dtm"
+#: changes to the DTM's defaults, trained with --ablations beside the DTM at its defaults
+DTM_ABLATIONS = {
+    # the DSM's default batch: the DTM keeps 16 (deepdem.train.DEFAULT_BATCH_SIZE)
+    f"{DTM}, batch 8": dict(batch_size=8),
+}
 CALIBRATION_KEYS = ("coverage_68", "coverage_90", "coverage_95", "spearman", "spearman_if_exact", "sharpness", "mae")
 OWN_SCALE = "deepdem, refined with the scene's own scale factor"
 ABLATIONS = {
@@ -130,6 +136,10 @@ ABLATIONS = {
     "deepdem, chips by scene area": dict(scene_sampling="area"),
     # the batch before the default became 8: half the steps in the budget
     "deepdem, batch 16": dict(batch_size=16),
+    # candidates: Adam's learning rate (5e-4 by default, constant over a run this short: the
+    # plateau schedule waits 50 epochs), twice and half of it
+    "deepdem, lr 1e-3": dict(lr=1e-3),
+    "deepdem, lr 2.5e-4": dict(lr=2.5e-4),
     # two inputs whose values depend on the sensor and the site, each left out: what does the
     # network take from the triangulation error (metres, unscaled) and from NDVI?
     "deepdem, no triangulation error": dict(bands=[b for b in DEFAULT_BANDS if b != "triangulation_error"]),
@@ -384,7 +394,7 @@ def run(work: Path, seeds: list[int], seconds: float, ablations: bool, only: lis
                      "generator": scenes_generator(work)}
     models = {DEEPDEM: {}, **ABLATIONS} if ablations else DSM_MODELS
     if ablations and not only:
-        only = [DEEPDEM, *ABLATIONS]
+        only = [DEEPDEM, *ABLATIONS, DTM]
     wanted = (lambda name: any(o in name for o in only)) if only else (lambda name: True)
     models = {name: overrides for name, overrides in models.items() if wanted(name)}
 
@@ -424,8 +434,9 @@ def run(work: Path, seeds: list[int], seconds: float, ablations: bool, only: lis
             print(f"seed {seed} | {name}: {result.epochs} epochs, {time.time() - started:.0f} s", flush=True)
         if wanted(PLAIN):
             plain_unet(train_scenes, tests, seconds, seed, results)
-        if wanted("deepdem --target dtm"):
-            train_dtm(train_scenes, tests, seconds, seed, results, work)
+        for name, overrides in {DTM: {}, **(DTM_ABLATIONS if ablations else {})}.items():
+            if wanted(name):
+                train_dtm(train_scenes, tests, seconds, seed, results, work, name, overrides)
         (work / "partial.json").write_text(json.dumps(results, indent=1))  # a crash keeps the seeds done
     return results
 
@@ -499,28 +510,30 @@ def plain_unet(train_scenes, tests, seconds, seed, results):
     print(f"seed {seed} | {PLAIN}: {steps} steps, {time.time() - started:.0f} s", flush=True)
 
 
-def train_dtm(train_scenes, tests, seconds, seed, results, work):
+def train_dtm(train_scenes, tests, seconds, seed, results, work, name=DTM, overrides=None):
     started = time.time()
-    run_dir = work / f"run-{seed}-dtm"
+    run_dir = work / (f"run-{seed}-dtm" if name == DTM else f"run-{seed}-dtm-{list(DTM_ABLATIONS).index(name)}")
     result = train(train_scenes, run_dir, config=TrainConfig(chip_size=CHIP, max_epochs=100_000, seed=seed,
-                                                             progress=False, target="dtm"),
+                                                             progress=False, target="dtm", **(overrides or {})),
                    callbacks=[CpuBudget(seconds)])
+    results["epochs"].setdefault(name, []).append(result.epochs)
     for key, scene in tests.items():
         refined = refine(result.checkpoint, scene, run_dir / "refined.tif", progress=False)
         sigma = read_refined(sigma_path(refined)) if sigma_path(refined).exists() else None
-        dems = {"deepdem --target dtm": read_refined(refined), **initial_and_baselines(scene, "dtm")}
+        dems = {name: read_refined(refined), **initial_and_baselines(scene, "dtm")}
         evaluation = score(scene, dems, "dtm", sigma=sigma)
-        if sigma is not None:
-            record_calibration(results, "calibration_dtm", key, evaluation)
-        record_pixel_size(results, result.checkpoint, scene, key, "dtm", evaluation.metrics["deepdem --target dtm"]["mae"],
-                          run_dir / "own-pixel-size.tif")
+        if name == DTM:
+            if sigma is not None:
+                record_calibration(results, "calibration_dtm", key, evaluation)
+            record_pixel_size(results, result.checkpoint, scene, key, "dtm", evaluation.metrics[name]["mae"],
+                              run_dir / "own-pixel-size.tif")
         for stratum in ("tall vegetation", "bare", "all"):
             entry = evaluation.strata.get(stratum)
             if entry and entry["pixels"]:
-                for method in ("deepdem --target dtm", "smrf_ground", "initial DSM"):
+                for method in (name, "smrf_ground", "initial DSM"):
                     results["dtm"].setdefault(f"{key[0]}|{key[1]}|{stratum}", {}).setdefault(method, []).append(
                         entry["metrics"][method]["mae"])
-    print(f"seed {seed} | deepdem --target dtm: {result.epochs} epochs, {time.time() - started:.0f} s", flush=True)
+    print(f"seed {seed} | {name}: {result.epochs} epochs, {time.time() - started:.0f} s", flush=True)
 
 
 def recalibrate(work: Path, seeds: list[int], results: dict) -> dict:
@@ -542,7 +555,7 @@ def recalibrate(work: Path, seeds: list[int], results: dict) -> dict:
     results["calibration"], results["calibration_dtm"] = {}, {}
     for i, seed in enumerate(seeds):
         for run, target, name, kind in ((f"run-{seed}-0", "dsm", DEEPDEM, "calibration"),
-                                        (f"run-{seed}-dtm", "dtm", "deepdem --target dtm", "calibration_dtm")):
+                                        (f"run-{seed}-dtm", "dtm", DTM, "calibration_dtm")):
             checkpoint = work / run / "best.ckpt"
             task = load_checkpoint(checkpoint)
             kwargs = task.model_kwargs
@@ -633,6 +646,15 @@ def range_cell(values: list[float], digits: int = 3) -> str:
     return f"{np.median(values):.{digits}f} ({min(values):.{digits}f}–{max(values):.{digits}f})"
 
 
+def cell_by_seed(change: list[float], ours: list[float]) -> str:
+    """The ratio of the seed-median MAEs; in brackets, the range of the seeds' own ratios."""
+    text = f"{np.median(change) / np.median(ours):.3f}"
+    if 1 < len(change) == len(ours):  # the same seeds on both sides
+        by_seed = np.asarray(change) / np.asarray(ours)
+        text += f" ({by_seed.min():.2f}–{by_seed.max():.2f})"
+    return text
+
+
 def ablation_tables(results: dict, seeds: list[int], seconds: float) -> list[str]:
     """One change at a time against the defaults: MAE ÷ the defaults' MAE per held-out scene."""
     dsm = results["dsm"]
@@ -640,18 +662,11 @@ def ablation_tables(results: dict, seeds: list[int], seconds: float) -> list[str
     rows = ["| site | errors | deepdem (defaults) MAE (m) | " + " | ".join(f"{c} ÷ defaults" for c in changes) + " |",
             "|---|---|---:|" + "---:|" * len(changes)]
 
-    def cell(change: list[float], ours: list[float]) -> str:
-        text = f"{np.median(change) / np.median(ours):.3f}"
-        if 1 < len(change) == len(ours):  # the same seeds on both sides: the spread of the seeds' own ratios
-            by_seed = np.asarray(change) / np.asarray(ours)
-            text += f" ({by_seed.min():.2f}–{by_seed.max():.2f})"
-        return text
-
     for key, per in dsm.items():
         if DEEPDEM not in per:
             continue
         rows.append(f"| {' | '.join(key.split('|'))} | {range_cell(per[DEEPDEM])} | "
-                    + " | ".join(cell(per[c], per[DEEPDEM]) if c in per else "" for c in changes) + " |")
+                    + " | ".join(cell_by_seed(per[c], per[DEEPDEM]) if c in per else "" for c in changes) + " |")
     rows += ["", "Ratio of the seed-median MAEs; in brackets, the range of the seed-by-seed ratios. Above 1: the "
              "change makes the refined DSM worse than the defaults (for the ablations: the default it undoes helps). "
              f"Seeds {', '.join(map(str, seeds))}; {seconds:.0f} s of process CPU time per model; training and "
@@ -660,6 +675,26 @@ def ablation_tables(results: dict, seeds: list[int], seconds: float) -> list[str
         # A CPU-time budget buys more epochs on a faster machine, and a short run's ablation can change
         # sign with its length: the epochs say which regime the table measured.
         rows[-1] += f" Median epochs of 512 chips: {median_epochs(results)}."
+    return rows + dtm_ablation_table(results)
+
+
+def dtm_ablation_table(results: dict) -> list[str]:
+    """The DTM's changes against the DTM at its defaults, under tall vegetation and on bare ground."""
+    dtm = {key: per for key, per in results.get("dtm", {}).items() if DTM in per and not key.endswith("|all")}
+    changes = [m for m in DTM_ABLATIONS if any(m in per for per in dtm.values())]
+    if not changes:
+        return []
+    rows = ["", "### DTM: MAE against the LIDAR DTM ÷ the DTM's defaults", "",
+            "| site | errors | stratum | deepdem --target dtm MAE (m) | ÷ SMRF | "
+            + " | ".join(f"{c} ÷ defaults" for c in changes) + " | " + " | ".join(f"{c} ÷ SMRF" for c in changes) + " |",
+            "|---|---|---|---:|---:|" + "---:|" * (2 * len(changes))]
+    for key, per in dtm.items():
+        ours, smrf = np.median(per[DTM]), np.median(per["smrf_ground"])
+        rows.append(f"| {' | '.join(key.split('|'))} | {range_cell(per[DTM])} | {ours / smrf:.3f} | "
+                    + " | ".join(cell_by_seed(per[c], per[DTM]) if c in per else "" for c in changes) + " | "
+                    + " | ".join(f"{np.median(per[c]) / smrf:.3f}" if c in per else "" for c in changes) + " |")
+    rows += ["", f"Ratios of the seed-median MAEs, as above; the DTM trains at batch {default_batch_size('dtm')} by "
+             "default. SMRF: the ground filter run on the initial DSM (`deepdem.baselines`)."]
     return rows
 
 
@@ -710,8 +745,8 @@ def tables(results: dict, seeds: list[int], seconds: float) -> list[str]:
                  "|---|---|---|---:|---:|---:|---:|"]
         for key, per in results["dtm"].items():
             site, errors, stratum = key.split("|")
-            ours, smrf = np.median(per["deepdem --target dtm"]), np.median(per["smrf_ground"])
-            rows.append(f"| {site} | {errors} | {stratum} | {range_cell(per['deepdem --target dtm'])} | "
+            ours, smrf = np.median(per[DTM]), np.median(per["smrf_ground"])
+            rows.append(f"| {site} | {errors} | {stratum} | {range_cell(per[DTM])} | "
                         f"{range_cell(per['smrf_ground'])} | {range_cell(per['initial DSM'])} | {ours / smrf:.3f} |")
     worse = [(k, np.median([a for a, _ in v]), np.median([b for _, b in v])) for k, v in results["strata"].items()]
     worse = sorted((w for w in worse if w[1] > w[2]), key=lambda w: w[2] / w[1])
