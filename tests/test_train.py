@@ -409,14 +409,17 @@ def test_the_default_batch_is_8_chips_for_the_dsm_and_16_for_a_dtm(prepared_scen
     assert load_checkpoint(asked.checkpoint).model_kwargs["batch_size"] == 4
 
 
-def test_a_resumed_run_keeps_its_network_and_refuses_another(prepared_scene, tmp_path, caplog):
+def test_a_resumed_run_keeps_its_network_and_refuses_another(prepared_scene, tmp_path, caplog, monkeypatch):
     common = dict(chip_size=64, batch_size=2, samples_per_epoch=2, progress=False)
     train([prepared_scene], tmp_path / "run", max_epochs=1, encoder_depth=4, **common)
-    # no depth asked for: the run's, not the default 3 (a run begun before depth 3 was the default)
+    # no depth asked for: the run's, not the default 3 (a run begun before depth 3 was the default);
+    # the scene spelled relative to the working folder is the same scene
+    monkeypatch.chdir(prepared_scene.path.parent)
     with caplog.at_level(logging.WARNING, logger="deepdem"):
-        resumed = train([prepared_scene], tmp_path / "run", max_epochs=2, resume=True, **common)
+        resumed = train([prepared_scene.path.name], tmp_path / "run", max_epochs=2, resume=True, **common)
     assert resumed.epochs == 2 and load_checkpoint(resumed.checkpoint).model_kwargs["encoder_depth"] == 4
     assert "settings other than the run's" not in caplog.text  # a longer run is no change of recipe
+    assert f"scenes: [{prepared_scene.path.resolve()}]" in (tmp_path / "run" / "config.yaml").read_text()
     # another batch or learning rate is allowed, and said: the rest of the run differs from an unbroken one
     with caplog.at_level(logging.WARNING, logger="deepdem"):
         train([prepared_scene], tmp_path / "run", max_epochs=3, resume=True, **{**common, "batch_size": 1, "lr": 1e-3})

@@ -491,7 +491,10 @@ def _train(config: TrainConfig, extra_callbacks: list[Callback]) -> TrainResult:
         print(f"resuming {out} after epoch {resumed_epoch}", flush=True)
     if not config.resume and resume_from.exists():
         log.warning("%s holds an earlier run; starting afresh (use --resume to continue it)", out)
-    stored = dataclasses.replace(config, scenes=[str(s.path) for s in opened], val_scenes=[str(s.path) for s in val_opened])
+    # absolute, so that `--config <run>/config.yaml` reads the same scenes from any folder
+    stored = dataclasses.replace(config, scenes=[str(s.path.resolve()) for s in opened],
+                                 val_scenes=[str(s.path.resolve()) for s in val_opened],
+                                 init=str(Path(config.init).resolve()) if config.init else None)
     if config.resume:
         changed = _setting_changes(out / "config.yaml", stored)
         if changed:
@@ -771,7 +774,19 @@ def _setting_changes(run_config: Path, config: TrainConfig) -> list[str]:
     if not isinstance(earlier, dict):
         return []
     return [f"{f.name} {earlier[f.name]} → {getattr(config, f.name)}" for f in dataclasses.fields(config)
-            if f.name in earlier and f.name not in _SETTINGS_FREE_ON_RESUME and earlier[f.name] != getattr(config, f.name)]
+            if f.name in earlier and f.name not in _SETTINGS_FREE_ON_RESUME
+            and _as_compared(f.name, earlier[f.name]) != _as_compared(f.name, getattr(config, f.name))]
+
+
+def _as_compared(name: str, value: Any) -> Any:
+    """A setting as :func:`_setting_changes` compares it: paths resolved, as one scene spelled
+    relative or absolute is the same scene (a run's config.yaml from before paths were stored
+    absolute holds them as given, relative to the folder it ran from)."""
+    if name in ("scenes", "val_scenes") and isinstance(value, list):
+        return [str(Path(v).resolve()) for v in value]
+    if name == "init" and isinstance(value, str):
+        return str(Path(value).resolve())
+    return value
 
 
 def _network_differences(config: TrainConfig, bands: list[str], kwargs: dict[str, Any]) -> list[str]:
