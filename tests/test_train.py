@@ -411,7 +411,14 @@ def test_the_default_batch_is_8_chips_for_the_dsm_and_16_for_a_dtm(prepared_scen
 
 def test_a_resumed_run_keeps_its_network_and_refuses_another(prepared_scene, tmp_path, caplog, monkeypatch):
     common = dict(chip_size=64, batch_size=2, samples_per_epoch=2, progress=False)
-    train([prepared_scene], tmp_path / "run", max_epochs=1, encoder_depth=4, **common)
+    lightning_log = logging.getLogger("lightning.pytorch")
+    lightning_log.addHandler(caplog.handler)  # Lightning's logger does not propagate to caplog's
+    try:
+        with caplog.at_level(logging.INFO, logger="lightning.pytorch"):
+            train([prepared_scene], tmp_path / "run", max_epochs=1, encoder_depth=4, **common)
+    finally:
+        lightning_log.removeHandler(caplog.handler)
+    assert "weights_only" not in caplog.text  # the resume point says what it saves
     # no depth asked for: the run's, not the default 3 (a run begun before depth 3 was the default);
     # the scene spelled relative to the working folder is the same scene
     monkeypatch.chdir(prepared_scene.path.parent)

@@ -299,7 +299,9 @@ class EpochCheckpoints(Callback):
             self._save(trainer)
 
     def _save(self, trainer) -> None:
-        trainer.save_checkpoint(self.path)
+        # the full state (optimiser, loops, callbacks): a resume point, not weights to refine with.
+        # Said, since Lightning logs its default on every save otherwise
+        trainer.save_checkpoint(self.path, weights_only=False)
         self._saved_at, self._saved_step = time.monotonic(), trainer.global_step
 
     def state_dict(self) -> dict[str, Any]:
