@@ -211,14 +211,17 @@ def build_scenes(work: Path) -> dict[tuple[str, str], Scene]:
             print(f"skipping {site}: {paths[0]} not found (set DEEPDEM_DATA)")
             continue
         truth_dir = work / f"truth{index}"
-        if not (truth_dir / "dtm.tif").exists():
+        if "object_class" not in (json.loads((truth_dir / "lidar.json").read_text())
+                                  if (truth_dir / "lidar.json").exists() else {}):  # gridded before it was made
             products = grid_lidar(paths, resolution=options.get("resolution", 0.5), crs=options.get("crs"),
                                   dsm_fill_gap=options.get("dsm_fill_gap", 1.0), progress=False)
             write_products(products, truth_dir)
         for errors in ERRORS:
             raw, prepared = work / f"raw{index}-{errors}", work / f"scene{index}-{errors}"
             if not made_by_current_generator(prepared):
-                synth_from_lidar(raw, truth_dir / "dsm.tif", truth_dir / "dtm.tif", errors=errors, seed=100 + index)
+                object_class = truth_dir / "object_class.tif"
+                synth_from_lidar(raw, truth_dir / "dsm.tif", truth_dir / "dtm.tif", errors=errors, seed=100 + index,
+                                 object_class=object_class if object_class.exists() else None)
                 prepare_from_asp_dir(raw, prepared)
                 stamp_generator(prepared)
             elif not all(Scene.open(prepared).has(b) for b in DEFAULT_BANDS):  # prepared before prepare made a band
@@ -527,7 +530,7 @@ def train_dtm(train_scenes, tests, seconds, seed, results, work, name=DTM, overr
                 record_calibration(results, "calibration_dtm", key, evaluation)
             record_pixel_size(results, result.checkpoint, scene, key, "dtm", evaluation.metrics[name]["mae"],
                               run_dir / "own-pixel-size.tif")
-        for stratum in ("tall vegetation", "bare", "all"):
+        for stratum in ("tall vegetation", "buildings", "bare", "all"):
             entry = evaluation.strata.get(stratum)
             if entry and entry["pixels"]:
                 for method in (name, "smrf_ground", "initial DSM"):
@@ -679,7 +682,7 @@ def ablation_tables(results: dict, seeds: list[int], seconds: float) -> list[str
 
 
 def dtm_ablation_table(results: dict) -> list[str]:
-    """The DTM's changes against the DTM at its defaults, under tall vegetation and on bare ground."""
+    """The DTM's changes against the DTM at its defaults, stratum by stratum (tall vegetation, buildings)."""
     dtm = {key: per for key, per in results.get("dtm", {}).items() if DTM in per and not key.endswith("|all")}
     changes = [m for m in DTM_ABLATIONS if any(m in per for per in dtm.values())]
     if not changes:
@@ -740,7 +743,7 @@ def tables(results: dict, seeds: list[int], seconds: float) -> list[str]:
     rows += calibration_tables(results)
     rows += pixel_size_table(results)
     if results["dtm"]:
-        rows += ["", "### DTM under vegetation: MAE (m) against the LIDAR DTM, median over seeds (min–max)", "",
+        rows += ["", "### DTM under vegetation and buildings: MAE (m) against the LIDAR DTM, median over seeds (min–max)", "",
                  "| site | errors | stratum | deepdem --target dtm | SMRF ground filter | initial DSM | deepdem ÷ SMRF |",
                  "|---|---|---|---:|---:|---:|---:|"]
         for key, per in results["dtm"].items():

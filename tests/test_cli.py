@@ -79,6 +79,15 @@ def test_synth_from_a_lidar_truth_with_matched_errors(capsys, tmp_path):
     code, _, err = run(capsys, "synth", "--errors", "sgbm", "--out", str(tmp_path / "gen"))
     assert code == 2 and "needs a real truth" in err and err.strip().count("\n") == 0
     assert not (tmp_path / "gen").exists()
+    code, _, err = run(capsys, "synth", "--object-class", str(tmp_path / "dsm.tif"), "--out", str(tmp_path / "gen"))
+    assert code == 2 and err.strip() == "deepdem: error: --object-class needs --truth-dsm"
+    assert not (tmp_path / "gen").exists()
+    # an object class raster on another grid is refused with its name
+    write_raster(tmp_path / "classes.tif", np.zeros((48, 48), np.uint8), transform, "EPSG:32631")
+    code, _, err = run(capsys, "synth", "--truth-dsm", str(tmp_path / "dsm.tif"), "--truth-dtm", str(tmp_path / "dtm.tif"),
+                       "--object-class", str(tmp_path / "classes.tif"), "--out", str(tmp_path / "other"))
+    assert code == 2 and "classes.tif" in err and "is not the DSM's" in err and err.strip().count("\n") == 0
+    assert not (tmp_path / "other").exists()
 
 
 @pytest.mark.parametrize("argv, flag", [

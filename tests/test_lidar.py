@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from rasterio.transform import from_origin
 from deepdem.lidar import Grid, OutlierParams, grid_lidar, read_las_crs
 from deepdem.lidar.cli import add_lidar_parser
 from deepdem.lidar.grid import tin_interpolate
+from deepdem.lidar.products import OBJECT_BUILDING, OBJECT_NONE, OBJECT_VEGETATION
 from deepdem.lidar.ground import smrf_object_mask
 
 REPO = Path(__file__).resolve().parents[1]
@@ -234,6 +236,30 @@ def test_plane_dtm_is_exact_and_noise_classes_dropped(tmp_path):
     assert ok.sum() >= 0.9 * ok.size
     assert np.abs(p.dtm[ok] - truth[ok]).max() < 0.05
     assert np.nanmax(p.dsm) < 120
+
+
+def test_object_class_tells_a_classified_roof_from_a_tree(tmp_path):
+    path = synthetic_las(tmp_path / "plane.las", n=8000)
+    las = laspy.read(path)
+    x, y = np.asarray(las.x) - 500000, np.asarray(las.y) - 4000000
+    roof, tree = (x < 8) & (y < 8), (x > 12) & (y > 12)
+    classes = np.asarray(las.classification).copy()
+    classes[roof], classes[tree] = 6, 5
+    las.classification = classes
+    las.write(path)
+    p = grid_lidar([path], resolution=1.0, out_dir=tmp_path / "out", progress=False)
+    gx, gy = p.grid.centres()
+    gx, gy = gx - 500000, gy - 4000000
+    inner_roof, inner_tree = (gx < 7) & (gy < 7), (gx > 13) & (gy > 13)  # cells wholly inside each
+    assert (p.object_class[inner_roof] == OBJECT_BUILDING).all()
+    assert (p.object_class[inner_tree] == OBJECT_VEGETATION).all()
+    assert (p.object_class[(gx > 9) & (gx < 11)] == OBJECT_NONE).all()  # ground only
+    assert (read(tmp_path / "out" / "object_class.tif")[0] == p.object_class).all()
+    assert json.loads((tmp_path / "out" / "lidar.json").read_text())["object_class"] == "object_class.tif"
+    # points classified ground and nothing else: no object class to tell, no raster
+    unclassified = grid_lidar([synthetic_las(tmp_path / "ground.las")], resolution=1.0, out_dir=tmp_path / "g",
+                              progress=False)
+    assert unclassified.object_class is None and not (tmp_path / "g" / "object_class.tif").exists()
 
 
 def test_relief_aware_outlier_filter(tmp_path):

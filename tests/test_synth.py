@@ -150,6 +150,28 @@ def test_lidar_landcover_calls_only_a_large_gap_inside_the_survey_water():
     assert (lidar_landcover(dsm, dtm, 0.5, water_min_area_m2=101.0) == WATER).sum() == 0
 
 
+def test_lidar_landcover_takes_the_points_classes_over_roughness():
+    from deepdem.lidar.products import OBJECT_BUILDING, OBJECT_NONE, OBJECT_VEGETATION
+    from deepdem.synth import GRASS, lidar_landcover
+
+    rng = np.random.default_rng(0)
+    dtm = np.full((80, 80), 10.0)
+    dsm = dtm.copy()
+    dsm[10:30, 10:30] = 20.0 + rng.normal(0, 0.3, (20, 20))  # a roof whose returns are noisy
+    dsm[50:70, 50:70] = 18.0  # a smooth hedge top
+    dsm[10:30, 50:70] = 20.0 + rng.normal(0, 0.3, (20, 20))  # rough, unclassified
+    classes = np.full(dsm.shape, OBJECT_NONE, np.uint8)
+    classes[10:30, 10:30], classes[50:70, 50:70] = OBJECT_BUILDING, OBJECT_VEGETATION
+    by_roughness = lidar_landcover(dsm, dtm, 0.5)
+    assert (by_roughness[12:28, 12:28] == TREE).mean() > 0.9 and (by_roughness[56:64, 56:64] == BUILDING).all()
+    cover = lidar_landcover(dsm, dtm, 0.5, object_class=classes)
+    assert (cover[10:30, 10:30] == BUILDING).all() and (cover[50:70, 50:70] == TREE).all()
+    assert (cover[12:28, 52:68] == by_roughness[12:28, 52:68]).all()  # no class: roughness decides
+    assert (cover[dsm - dtm < 2.5] == GRASS).all()  # a class on the ground changes nothing
+    classes[40:45, 0:5] = OBJECT_BUILDING
+    assert (lidar_landcover(dsm, dtm, 0.5, object_class=classes)[40:45, 0:5] == GRASS).all()
+
+
 def test_synth_from_lidar_refuses_mismatched_grids(tmp_path):
     from rasterio.transform import from_origin
 

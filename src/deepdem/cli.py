@@ -21,12 +21,13 @@ def _synth(args) -> int:
     from .errors import InputError
     from .synth import synth_from_lidar, synth_scene
 
-    if args.truth_dtm and not args.truth_dsm:
-        raise InputError("--truth-dtm needs --truth-dsm")
+    if (args.truth_dtm or args.object_class) and not args.truth_dsm:
+        raise InputError(f"{'--truth-dtm' if args.truth_dtm else '--object-class'} needs --truth-dsm")
     if args.truth_dsm:
         if not args.truth_dtm:
             raise InputError("--truth-dsm needs --truth-dtm (deepdem lidar writes both)")
-        paths = synth_from_lidar(args.out, args.truth_dsm, args.truth_dtm, errors=args.errors, seed=args.seed)
+        paths = synth_from_lidar(args.out, args.truth_dsm, args.truth_dtm, errors=args.errors, seed=args.seed,
+                                 object_class=args.object_class)
         what = f"stereo products ({args.errors} errors) of {args.truth_dsm}"
     else:
         if args.errors != "model":
@@ -237,6 +238,8 @@ def _add_synth_parser(subparsers) -> None:
     p.add_argument("--resolution", type=positive, default=1.0, help="metres per pixel (default 1)")
     p.add_argument("--truth-dsm", help="start from a real truth instead (e.g. deepdem lidar's dsm.tif) ...")
     p.add_argument("--truth-dtm", help="... and its DTM (dtm.tif) on the same grid")
+    p.add_argument("--object-class", help="... and, where the points are classified, deepdem lidar's "
+                   "object_class.tif: buildings and trees by class rather than by roughness")
     p.add_argument("--errors", choices=["model", "sgbm"], default="model",
                    help="ASP's errors from a statistical model of them, or from rendering two views and "
                         "matching them with OpenCV's semi-global matcher (needs --truth-dsm)")

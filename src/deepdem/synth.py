@@ -516,10 +516,17 @@ WATER_MIN_AREA_M2 = 100.0
 
 
 def lidar_landcover(truth_dsm: np.ndarray, truth_dtm: np.ndarray, resolution: float,
-                    water_min_area_m2: float = WATER_MIN_AREA_M2) -> np.ndarray:
-    """Land cover of a LIDAR-gridded surface, for radiometry and strata: trees (rough) and
-    buildings (smooth) above 2.5 m, grass elsewhere, and water where the LIDAR has no return over
-    at least ``water_min_area_m2`` inside the survey.
+                    water_min_area_m2: float = WATER_MIN_AREA_M2, object_class: np.ndarray | None = None) -> np.ndarray:
+    """Land cover of a LIDAR-gridded surface, for radiometry and strata: trees and buildings
+    above 2.5 m, grass elsewhere, and water where the LIDAR has no return over at least
+    ``water_min_area_m2`` inside the survey.
+
+    Objects are told apart by the points' classes where the survey classified them
+    (``object_class``, ``deepdem lidar``'s object_class.tif), else by their roughness: crowns are
+    rough at the metre scale, roofs are planes. Roughness alone is a poor judge of real roofs: on
+    the two AHN3 Delft tiles and an IGN Montpellier tile, whose points are classified, it called
+    0.2–2.7 % of the cells buildings where the classes make 19–39 % of them buildings (gridded at
+    0.5 m), the rest trees: return noise and small roofs make a city's curvature rough.
 
     A gap that reaches the raster's edge is outside the survey (a trimmed or irregular
     footprint), and a smaller gap is a dropout: both take the cover of the nearest surveyed cell.
@@ -533,6 +540,11 @@ def lidar_landcover(truth_dsm: np.ndarray, truth_dtm: np.ndarray, resolution: fl
     raised = height > 2.5
     cover[raised & (roughness > 0.35 * resolution)] = TREE
     cover[raised & (roughness <= 0.35 * resolution)] = BUILDING
+    if object_class is not None:
+        from .lidar.products import OBJECT_BUILDING, OBJECT_VEGETATION
+
+        cover[raised & (object_class == OBJECT_BUILDING)] = BUILDING
+        cover[raised & (object_class == OBJECT_VEGETATION)] = TREE
     missing = ~np.isfinite(truth_dsm)
     if not missing.any():
         return cover
@@ -553,8 +565,10 @@ def synth_from_lidar(
     errors: str = "model",
     seed: int = 0,
     views: tuple[View, View] | None = None,
+    object_class: str | os.PathLike | None = None,
 ) -> dict[str, Path]:
-    """An ASP-like run made from a real LIDAR truth (e.g. ``deepdem lidar``'s dsm.tif/dtm.tif).
+    """An ASP-like run made from a real LIDAR truth (e.g. ``deepdem lidar``'s dsm.tif/dtm.tif,
+    and its object_class.tif where the points are classified).
 
     The land cover comes from :func:`lidar_landcover`, the radiometry from it and the surface's
     shading, the stereo errors from ``errors`` ('model' or 'sgbm', see :func:`observe`). The
@@ -577,13 +591,19 @@ def synth_from_lidar(
     config = SynthConfig(size=max(dsm.shape), resolution=resolution, seed=seed, crs=crs.to_wkt(),
                          blunders_per_km2=15.0, **({"views": views} if views else {}))
     rng = np.random.default_rng(seed)
-    cover = lidar_landcover(dsm, dtm, resolution)
+    classes = None
+    if object_class is not None:
+        class_grid, classes = read_grid(object_class)
+        if classes.shape != dsm.shape or class_grid.transform != transform:
+            raise InputError(f"object class grid {classes.shape} is not the DSM's {dsm.shape}", object_class)
+    cover = lidar_landcover(dsm, dtm, resolution, object_class=classes)
     surface = fill_nearest(dsm.astype(np.float64))
     ground = np.fmin(fill_nearest(np.where(np.isfinite(dtm), dtm, dsm).astype(np.float64)), surface)
     scene = observe(surface, ground, cover, config, rng, transform, errors=errors)
     scene.truth_dsm, scene.truth_dtm = dsm.astype(np.float32), dtm.astype(np.float32)
     return write_asp_run(out, scene, {"generator": "deepdem.synth.synth_from_lidar", "errors": errors,
-                                      "truth": [str(Path(truth_dsm).resolve()), str(Path(truth_dtm).resolve())]})
+                                      "truth": [str(Path(truth_dsm).resolve()), str(Path(truth_dtm).resolve())],
+                                      "object_class": str(Path(object_class).resolve()) if object_class else None})
 
 
 def write_asp_run(out: str | os.PathLike, scene: SynthScene, meta: dict) -> dict[str, Path]:

@@ -26,6 +26,11 @@ from .ground import GroundClassifier, OutlierFilter, OutlierParams, SMRFParams, 
 from .read import PointFilter, open_sources, stream_points
 
 NODATA = -9999.0
+#: ASPRS classes of the above-ground returns that tell a cell's objects apart (LAS 1.4 table 17)
+VEGETATION_CLASSES = (3, 4, 5)
+BUILDING_CLASS = 6
+#: object_class.tif's values: the cell's classified objects, or none classified
+OBJECT_NONE, OBJECT_VEGETATION, OBJECT_BUILDING = 0, 5, 6
 GROUND_MODES = ("auto", "class", "filter")
 
 
@@ -38,6 +43,9 @@ class LidarProducts:
     dtm: np.ndarray
     density: np.ndarray
     chm: np.ndarray | None
+    #: per cell, OBJECT_BUILDING or OBJECT_VEGETATION by the class most of its building and
+    #: vegetation returns have, OBJECT_NONE where it has neither; None where no point has these classes
+    object_class: np.ndarray | None
     ground_source: str
     points_read: int
     points_gridded: int
@@ -177,9 +185,15 @@ def grid_lidar(
     dtm_core = tin_interpolate(gx, gy, gz, grid, gap)
     cell_area_m2 = (grid.res * xy_m) ** 2
     density = binned.count.reshape(points.work.shape)[core] / cell_area_m2
+    object_class = None
+    if binned.buildings.any() or binned.vegetation.any():
+        buildings, vegetation = (a.reshape(points.work.shape)[core] for a in (binned.buildings, binned.vegetation))
+        object_class = np.where(buildings > vegetation, OBJECT_BUILDING,
+                                np.where(vegetation > 0, OBJECT_VEGETATION, OBJECT_NONE)).astype(np.uint8)
 
     products = LidarProducts(
         grid=grid, dsm=dsm_core, dtm=dtm_core, density=density, chm=dsm_core - dtm_core if chm else None,
+        object_class=object_class,
         ground_source=ground_source, points_read=points.total, points_gridded=binned.n_read - binned.n_out,
         ground_points=binned.cells.total, outliers_removed=binned.n_out,
     )
@@ -241,6 +255,8 @@ class _Binned:
 
     dsm: np.ndarray
     count: np.ndarray
+    buildings: np.ndarray  # returns of the building class
+    vegetation: np.ndarray  # returns of the vegetation classes
     cells: GroundCells
     n_read: int
     n_out: int
@@ -295,10 +311,15 @@ class _PointPasses:
         return GroundClassifier(smrf_surface(zmin, sgrid, params), sgrid, params)
 
     def bin(self, classifier: GroundClassifier | None, ground_classes) -> _Binned:
-        """Step 5: the highest first return and the point count of every cell, and the ground
-        points (by ``classifier``, else by class) kept per cell for the TIN."""
+        """Step 5: the highest first return and the point count of every cell, its returns of the
+        building and vegetation classes, and the ground points (by ``classifier``, else by class)
+        kept per cell for the TIN."""
         dsm = np.full(self.work.size, -np.inf)
         count = np.zeros(self.work.size, dtype=np.int64)
+        buildings = np.zeros(self.work.size, dtype=np.int64)
+        vegetation = np.zeros(self.work.size, dtype=np.int64)
+        is_vegetation = np.zeros(256, dtype=bool)
+        is_vegetation[list(VEGETATION_CLASSES)] = True
         cells = GroundCells(self.work)
         n_read = n_out = 0
         lut = np.zeros(256, dtype=bool)
@@ -310,15 +331,17 @@ class _PointPasses:
                 n_out += int((~keep).sum())
                 pts, idx = pts.subset(keep), idx[keep]
             count += np.bincount(idx, minlength=self.work.size)
+            buildings += np.bincount(idx[pts.classification == BUILDING_CLASS], minlength=self.work.size)
+            vegetation += np.bincount(idx[is_vegetation[pts.classification]], minlength=self.work.size)
             f = pts.first
             np.maximum.at(dsm, idx[f], pts.z[f])
             g = classifier(pts.x, pts.y, pts.z) if classifier is not None else lut[pts.classification]
             cells.add(idx[g], pts.x[g], pts.y[g], pts.z[g])
-        return _Binned(dsm, count, cells, n_read, n_out)
+        return _Binned(dsm, count, buildings, vegetation, cells, n_read, n_out)
 
 
 def write_products(products: LidarProducts, out_dir: str | Path, sources=(), params=None) -> dict:
-    """Write dsm.tif, dtm.tif, density.tif (and chm.tif) plus lidar.json, all or nothing."""
+    """Write dsm.tif, dtm.tif, density.tif (and chm.tif, object_class.tif) plus lidar.json, all or nothing."""
     out_dir = Path(out_dir)
     g = products.grid
     layers = {"dsm": (products.dsm, "highest first-or-only return per cell"),
@@ -333,11 +356,18 @@ def write_products(products: LidarProducts, out_dir: str | Path, sources=(), par
             write_raster(tmp / f"{name}.tif", data, g.transform, g.crs, nodata=NODATA,
                          description=desc)
             files[name] = out_dir / f"{name}.tif"
+        if products.object_class is not None:
+            write_raster(tmp / "object_class.tif", products.object_class, g.transform, g.crs, dtype="uint8",
+                         description=f"objects of the cell's classified returns: {OBJECT_BUILDING} building "
+                                     f"(class {BUILDING_CLASS}), {OBJECT_VEGETATION} vegetation (classes "
+                                     f"{', '.join(map(str, VEGETATION_CLASSES))}), {OBJECT_NONE} neither")
+            files["object_class"] = out_dir / "object_class.tif"
         meta = dict(
             crs=pyproj.CRS.from_user_input(g.crs).name, resolution=g.res, bounds=list(g.bounds),
             width=g.width, height=g.height, ground_source=products.ground_source,
             points_read=products.points_read, points_gridded=products.points_gridded,
             ground_points=products.ground_points, outliers_removed=products.outliers_removed,
+            object_class="object_class.tif" if products.object_class is not None else None,
             inputs=[dict(location=s.location, crs=s.crs.name if s.crs else None,
                          crs_from=s.crs.origin if s.crs else None, points=s.count)
                     for s in sources],
