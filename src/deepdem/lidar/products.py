@@ -331,8 +331,9 @@ class _PointPasses:
                 n_out += int((~keep).sum())
                 pts, idx = pts.subset(keep), idx[keep]
             count += np.bincount(idx, minlength=self.work.size)
-            buildings += np.bincount(idx[pts.classification == BUILDING_CLASS], minlength=self.work.size)
-            vegetation += np.bincount(idx[is_vegetation[pts.classification]], minlength=self.work.size)
+            # ufunc.at, not bincount(minlength=...): a sparse subset, with no grid-sized array per chunk
+            np.add.at(buildings, idx[pts.classification == BUILDING_CLASS], 1)
+            np.add.at(vegetation, idx[is_vegetation[pts.classification]], 1)
             f = pts.first
             np.maximum.at(dsm, idx[f], pts.z[f])
             g = classifier(pts.x, pts.y, pts.z) if classifier is not None else lut[pts.classification]
