@@ -8,7 +8,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from deepdem.data import (ChipDataset, SceneArrays, chip_means, fill_dsm_holes, normalise_chip, normalise_dsm,
+from deepdem.data import (ChipDataset, Region, SceneArrays, chip_means, fill_dsm_holes, normalise_chip, normalise_dsm,
                           spatial_split)
 from deepdem.errors import InputError
 from deepdem.models import DeepDEMRegressionTask, load_checkpoint
@@ -42,12 +42,28 @@ def test_training_chips_are_augmented_and_validation_chips_are_fixed(prepared_sc
     tr, va = spatial_split(prepared_scene.shape, 64)
     val = ChipDataset([arrays], [va], bands, 64, "val")
     a, b = val[0], val[0]
-    assert torch.equal(a["inputs"], b["inputs"]) and len(val) == 5  # 192 rows, stride 32 -> 5 chips
+    assert torch.equal(a["inputs"], b["inputs"]) and len(val) == 3  # 192 rows: chips at rows 0, 64 and 128
     train_set = ChipDataset([arrays], [tr], bands, 64, "train", samples=4, seed=1)
     item = train_set[0]
     assert item["inputs"].shape == (3, 64, 64) and item["valid"].dtype == torch.bool
     train_set.set_epoch(1)
     assert not torch.equal(train_set[0]["inputs"], item["inputs"])
+
+
+def test_validation_chips_cover_their_region_side_by_side(prepared_scene):
+    bands = ["dsm", "nodata_mask"]
+    arrays = SceneArrays(prepared_scene, bands, "dsm", 64)
+    region = Region(10, 10 + 150, 20, 20 + 140)  # neither side a multiple of the chip
+    val = ChipDataset([arrays], [region], bands, 64, "val")
+    assert sorted({r for _, r, _ in val.positions}) == [10, 74, 96]  # the last chip flush with the edge
+    assert sorted({c for _, _, c in val.positions}) == [20, 84, 96]
+    times_scored = np.zeros(prepared_scene.shape, int)
+    for _, row, col in val.positions:
+        times_scored[row : row + 64, col : col + 64] += 1
+    inside = times_scored[10:160, 20:160]
+    # every pixel once, twice where the last row or column of chips overlaps the one before
+    assert inside.min() == 1 and inside.max() == 4 and times_scored.sum() == inside.sum()
+    assert (inside == 1).sum() == (150 - 42) * (140 - 52)  # the last chips overlap 42 rows and 52 columns
 
 
 def test_short_training_run_writes_a_checkpoint_refine_can_use(prepared_scene, tmp_path):

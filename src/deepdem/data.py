@@ -425,12 +425,14 @@ class ChipDataset(Dataset):
         )
         self._draws: tuple[int, np.ndarray, np.ndarray] | None = None
         if mode == "val":
-            stride = chip_size // 2
+            # Chips side by side (the last one of a row or column flush with the region's edge):
+            # every pixel is scored once or twice. Half-overlapping chips scored the same pixels
+            # four times over, and cost a fifth of a CPU run's training time (docs/training.md).
             self.positions = [
                 (i, region.row0 + r, region.col0 + c)
                 for i, region in enumerate(self.regions)
-                for r in grid_positions(region.height, chip_size, stride)
-                for c in grid_positions(region.width, chip_size, stride)
+                for r in grid_positions(region.height, chip_size, chip_size)
+                for c in grid_positions(region.width, chip_size, chip_size)
             ]
             self.samples = len(self.positions)
         else:
