@@ -52,6 +52,8 @@ def strata(scene) -> dict[str, np.ndarray]:
 
 #: An error this large (m) is a blunder: what a map of where the DSM is wrong must find.
 BLUNDER = 3.0
+#: Pixels this close to a hole (px) border it: where a matcher's occlusions and blunders gather.
+HOLE_BORDER = 3
 
 
 def blunder_auc(error: np.ndarray, score: np.ndarray) -> float:
@@ -76,9 +78,10 @@ def main() -> None:
     names = ["open, slope < 10°", "open, slope ≥ 10°", "canopy", "building edges (±2 px)"]
     rows = ["| site | errors | holes | triangulation error ~ abs(error), Spearman | parallax band ~ error, r | "
             f"MAE of DSM − parallax band ÷ MAE of DSM | |error| > {BLUNDER:.0f} m: share of pixels / of the error | "
+            f"≤ {HOLE_BORDER} px from a hole: share of pixels / of the error | "
             "found by the triangulation error, AUC | found by 1 − ortho correlation, AUC | "
             + " | ".join(f"{n}: median / NMAD / MAE (m)" for n in names) + " |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * len(names)]
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * len(names)]
     totals: dict[str, dict[str, list]] = {e: {n: [] for n in names} for e in ERRORS}
     for (site, errors), scene in scenes.items():
         truth, dsm = scene.read("truth_dsm"), scene.read("dsm")
@@ -95,6 +98,9 @@ def main() -> None:
         known = np.isfinite(error)
         blunders = np.abs(error[known]) > BLUNDER
         blunder_cell = f"{blunders.mean():.1%} / {np.abs(error[known])[blunders].sum() / np.abs(error[known]).sum():.0%}"
+        # distance of each pixel with data to the nearest hole (the DSM's holes are its NaN)
+        near_hole = (ndimage.distance_transform_edt(~np.isnan(dsm)) <= HOLE_BORDER)[known]
+        border_cell = f"{near_hole.mean():.0%} / {np.abs(error[known])[near_hole].sum() / np.abs(error[known]).sum():.0%}"
         found_by = [blunder_auc(error, triangulation_error),
                     blunder_auc(error, 1.0 - scene.read("ortho_correlation"))]
         cells = []
@@ -107,7 +113,7 @@ def main() -> None:
             totals[errors][name].append(error[where])
             cells.append(f"{m['median']:+.2f} / {m['nmad']:.2f} / {m['mae']:.2f}")
         rows.append(f"| {site} | {errors} | {holes:.0%} | {ranking:.2f} | {correlation:.2f} | {recovered:.2f} | "
-                    f"{blunder_cell} | {found_by[0]:.2f} | {found_by[1]:.2f} | " + " | ".join(cells) + " |")
+                    f"{blunder_cell} | {border_cell} | {found_by[0]:.2f} | {found_by[1]:.2f} | " + " | ".join(cells) + " |")
     for errors in ERRORS:
         cells = []
         for name in names:
@@ -116,14 +122,15 @@ def main() -> None:
                 cells.append(f"{m['median']:+.2f} / {m['nmad']:.2f} / {m['mae']:.2f}")
             else:
                 cells.append("")
-        rows.append(f"| all sites | {errors} | | | | | | | | " + " | ".join(cells) + " |")
+        rows.append(f"| all sites | {errors} | | | | | | | | | " + " | ".join(cells) + " |")
     rows += ["", "Errors are initial DSM − LIDAR truth on the pixels where both have data; holes are the share of "
              "the truth's pixels the initial DSM leaves empty; the triangulation error's Spearman rank "
              "correlation with |error| is over every pixel where both are known and the map is above 0 (1: it "
              "ranks the errors exactly). The parallax band's Pearson correlation with the error, and the MAE left "
              "when the band is subtracted from the DSM, are over the pixels where both are known. The "
              f"blunders (|error| > {BLUNDER:.0f} m) are found by a map when it ranks them above the other pixels: AUC 0.5 "
-             "is chance, 1 every blunder above every other pixel. Canopy: more than 2.5 m above the LIDAR DTM with "
+             "is chance, 1 every blunder above every other pixel. A pixel borders a hole when the DSM has data "
+             f"there and a hole at most {HOLE_BORDER} px away (Euclidean). Canopy: more than 2.5 m above the LIDAR DTM with "
              "NDVI ≥ 0.3; building edges: within 2 px of the boundary of the other raised objects; open ground: "
              "more than 2 px from any raised object, by the slope of the LIDAR DTM.",
              "", generator_line({"generator": scenes_generator(Path(args.work))})]
