@@ -426,8 +426,8 @@ class ChipDataset(Dataset):
         self._draws: tuple[int, np.ndarray, np.ndarray] | None = None
         if mode == "val":
             # Chips side by side (the last one of a row or column flush with the region's edge):
-            # every pixel is scored once or twice. Half-overlapping chips scored the same pixels
-            # four times over, and cost a fifth of a CPU run's training time (docs/training.md).
+            # every pixel is scored once, more only where that last row or column overlaps the
+            # one before. Half-overlapping chips scored every pixel about four times, and cost a fifth of a CPU run's training time (docs/training.md).
             self.positions = [
                 (i, region.row0 + r, region.col0 + c)
                 for i, region in enumerate(self.regions)
